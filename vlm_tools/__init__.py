@@ -1,0 +1,41 @@
+"""vlm_tools: visual-token pruning, explanations and ViT register distillation for HF LLaVA-style VLMs.
+
+`import vlm_tools` is cheap and has no side effects; submodules load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "wrap": "vlm_tools.core.wrapped",
+    "attached": "vlm_tools.core.wrapped",
+    "WrappedModel": "vlm_tools.core.wrapped",
+    "Trace": "vlm_tools.core.wrapped",
+    "list_methods": "vlm_tools._registry",
+    "get_method": "vlm_tools._registry",
+    "register_method": "vlm_tools._registry",
+    "get_adapter": "vlm_tools.core.adapters",
+    "load_default": "vlm_tools.assets.default_model",
+    "default_model_path": "vlm_tools.assets.default_model",
+}
+
+__all__ = ["__version__", "unwrap", *_LAZY]
+
+
+def unwrap(wrapped: Any):
+    """Remove a wrapper's hooks and return the base model (same as `wrapped.unwrap()`)."""
+    return wrapped.unwrap()
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'vlm_tools' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,375 @@
+"""`WrappedModel`: runs a base LLaVA model with a method's pruning, reversibly.
+
+The prepare step (see DESIGN.md): the vision tower and projector run with the method's hooks attached; each image's
+placeholder run in `input_ids` (and `attention_mask`, `labels`) shrinks to the kept count and the batch is
+re-padded on its padding side; the kept features go to the base model's own `forward`/`generate` as pre-encoded
+`mm_encoder_outputs`, which the model scatters into the placeholders. The base model is never modified.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlm_tools.core.adapters import ModelAdapter, get_adapter
+from vlm_tools.core.hooks import HookHandle, find_hooks
+from vlm_tools.core.tokens import assign_images, padding_side, shrink_placeholders
+from vlm_tools.pruning.base import CallContext, ContextSlot, Pruner, all_rows, current_index
+
+__all__ = ["WrappedModel", "Trace", "SampleTrace", "wrap", "attached", "build_methods"]
+
+
+@dataclass
+class SampleTrace:
+    """What happened to one sample (prompt) of a call.
+
+    Attributes:
+        kept: per image, the sorted kept patch indices into the image's original grid (LLaVA-NeXT: index
+            `crop * patches_per_crop + patch`, crop 0 being the base image).
+        tokens_before: visual tokens the LLM would have seen without pruning (newline tokens included).
+        tokens_after: visual tokens the LLM saw.
+    """
+
+    kept: list[torch.Tensor]
+    tokens_before: int
+    tokens_after: int
+
+
+@dataclass
+class Trace:
+    """Record of the last wrapped call: per-sample traces, per-layer token counts and prefill wall time."""
+
+    method: str
+    samples: list[SampleTrace]
+    prefill_ms: float
+    layer_tokens: list[tuple[str, list[int]]] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def kept(self) -> list[list[torch.Tensor]]:
+        """Per sample, per image: kept patch indices (sorted)."""
+        return [s.kept for s in self.samples]
+
+    @property
+    def tokens_before(self) -> list[int]:
+        return [s.tokens_before for s in self.samples]
+
+    @property
+    def tokens_after(self) -> list[int]:
+        return [s.tokens_after for s in self.samples]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "prefill_ms": self.prefill_ms,
+            "samples": [{"kept": [k.tolist() for k in s.kept], "tokens_before": s.tokens_before,
+                         "tokens_after": s.tokens_after} for s in self.samples],
+            "layer_tokens": [{"where": w, "tokens": t} for w, t in self.layer_tokens],
+        }
+
+
+def _prefill_hook(module, args, output, slot: ContextSlot) -> None:
+    ctx = slot.ctx
+    if ctx is not None and ctx.prefill_end is None:
+        if isinstance(output, torch.Tensor):
+            ref = output
+        else:
+            ref = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", None)
+        if isinstance(ref, torch.Tensor) and ref.is_cuda:
+            torch.cuda.synchronize(ref.device)
+        ctx.prefill_end = time.perf_counter()
+
+
+def build_methods(method: str | Pruner | list, config: dict) -> list[Pruner]:
+    """Instantiate the method(s) of a wrap call.
+
+    `method` is a registered name (with `config` as its keyword arguments), a Pruner instance, or a list of
+    `(name, config_dict)` pairs / Pruner instances to stack (at most one token-selecting method; modifiers such as
+    `registers` first).
+    """
+    from vlm_tools._registry import get_method
+
+    if isinstance(method, (list, tuple)):
+        if config:
+            raise TypeError("pass per-method configs inside the list when stacking methods")
+        items = method
+    else:
+        items = [(method, config)]
+    out: list[Pruner] = []
+    for item in items:
+        if isinstance(item, Pruner):
+            out.append(item)
+            continue
+        if isinstance(item, str):
+            item = (item, {})
+        name, cfg = item
+        if not isinstance(name, str):
+            raise TypeError(f"method must be a registered name or a Pruner, got {type(name).__name__}")
+        info = get_method(name)
+        try:
+            conf = info.config_cls(**cfg)
+        except TypeError as exc:
+            names = sorted(f for f in info.config_cls.__dataclass_fields__)
+            raise TypeError(f"bad config for method {name!r}: {exc}; valid fields: {', '.join(names)}") from None
+        out.append(info.cls(conf))
+    if not out:
+        raise ValueError("no method given")
+    acting = [m for m in out if m.kind != "modifier"]
+    if len(acting) > 1:
+        raise ValueError(f"at most one pruning method per wrap, got {[m.name for m in acting]}; "
+                         "stack a pruning method only with modifiers such as 'registers'")
+    return out
+
+
+class WrappedModel:
+    """A base model plus one method (or a modifier stack), with the prepare step for `forward` and `generate`.
+
+    Use `vlm_tools.wrap(model, "cls_topk", keep=64)`; `unwrap()` removes every hook and returns the same model.
+    """
+
+    def __init__(self, model: nn.Module, methods: list[Pruner]) -> None:
+        leftover = find_hooks(model)
+        if leftover:
+            raise RuntimeError(f"this model is already wrapped by vlm_tools (hooks on {leftover[0][0] or 'root'}); "
+                               "call unwrap() on the existing WrappedModel first")
+        self.model = model
+        self.adapter: ModelAdapter = get_adapter(model)
+        self.methods = methods
+        for m in methods:
+            m.check(self.adapter)
+        self._slot = ContextSlot()
+        self._enabled = True
+        self.last_trace: Trace | None = None
+        self._handle = HookHandle("wrap")
+        try:
+            for m in methods:
+                self._handle.add(m.attach(model, self.adapter, self._slot))
+            self._handle.forward_hook(self.adapter.language_model, functools.partial(_prefill_hook, slot=self._slot))
+        except BaseException:
+            self._handle.remove()
+            raise
+
+    # -- public API ------------------------------------------------------------------------------------------
+    @property
+    def method(self) -> Pruner:
+        """The acting method (the last non-modifier), or the last modifier when only modifiers are stacked."""
+        acting = [m for m in self.methods if m.kind != "modifier"]
+        return (acting or self.methods)[-1]
+
+    @property
+    def selector(self) -> Pruner | None:
+        return next((m for m in self.methods if m.selects), None)
+
+    @property
+    def is_wrapped(self) -> bool:
+        return not self._handle.removed
+
+    def unwrap(self) -> nn.Module:
+        """Remove every hook this wrapper attached and return the base model (the same object)."""
+        self._handle.remove()
+        return self.model
+
+    @contextmanager
+    def disabled(self) -> Iterator[nn.Module]:
+        """Within this block, calls go to the base model unchanged (hooks stay attached but inactive)."""
+        prev = self._enabled
+        self._enabled = False
+        try:
+            yield self.model
+        finally:
+            self._enabled = prev
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        state = "attached" if self.is_wrapped else "unwrapped"
+        return f"WrappedModel({type(self.model).__name__}, methods={self.methods}, {state})"
+
+    def __getattr__(self, name: str):
+        # delegate read-only conveniences (config, device, dtype, generation_config) to the base model
+        if name in ("config", "device", "dtype", "generation_config", "name_or_path"):
+            return getattr(self.__dict__["model"], name)
+        raise AttributeError(name)
+
+    def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                image_sizes: torch.Tensor | None = None, **kwargs):
+        """Forward with pruning. Logits cover the shrunk sequence (see `last_trace` for the kept tokens)."""
+        return self._run("forward", input_ids, pixel_values, attention_mask, labels, image_sizes, kwargs)
+
+    def generate(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None, **kwargs):
+        """Generate with pruning. Returned sequences start with the caller's original (unshrunk) `input_ids`,
+        so `out[:, input_ids.shape[1]:]` are the new tokens, exactly as with the base model."""
+        return self._run("generate", input_ids, pixel_values, attention_mask, None, image_sizes, kwargs)
+
+    # -- the prepare step ------------------------------------------------------------------------------------
+    def _run(self, mode, input_ids, pixel_values, attention_mask, labels, image_sizes, kwargs):
+        if self._handle.removed:
+            raise RuntimeError("this WrappedModel was unwrapped; wrap the model again")
+        if not self._enabled:
+            call = self.model.generate if mode == "generate" else self.model
+            extra = {"labels": labels} if labels is not None else {}
+            if image_sizes is not None:
+                extra["image_sizes"] = image_sizes
+            return call(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **extra,
+                        **kwargs)
+        if input_ids is None:
+            raise ValueError("WrappedModel needs input_ids (the processor's output), not inputs_embeds")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        ctx = CallContext()
+        self._slot.ctx = ctx
+        try:
+            t0 = time.perf_counter()
+            model_inputs, spans_info = self._prepare(ctx, input_ids, pixel_values, attention_mask, labels,
+                                                     image_sizes)
+            if mode == "forward":
+                out = self.model(**model_inputs, **kwargs)
+            else:
+                out = self.model.generate(**model_inputs, **kwargs)
+                out = self._restore_prompt(out, input_ids, model_inputs["input_ids"].shape[1])
+            end = ctx.prefill_end if ctx.prefill_end is not None else time.perf_counter()
+            self.last_trace = self._trace(ctx, spans_info, (end - t0) * 1000.0)
+            return out
+        finally:
+            self._slot.ctx = None
+
+    def _prepare(self, ctx: CallContext, input_ids, pixel_values, attention_mask, labels, image_sizes):
+        ad = self.adapter
+        has_placeholders = bool((input_ids == ad.image_token_id).any())
+        if pixel_values is None:
+            if has_placeholders:
+                raise ValueError("the prompt has image placeholder tokens but pixel_values is missing")
+            ctx.lm_spans = [[] for _ in range(input_ids.shape[0])]
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if labels is not None:
+                inputs["labels"] = labels
+            return inputs, ([], [[] for _ in range(input_ids.shape[0])], [])
+        tower = ad.vision_tower
+        param = next(tower.parameters())
+        pixel_values = pixel_values.to(param.device, param.dtype)
+        sel = self.selector
+        cfg = getattr(sel, "config", None)
+        rows, plan = ad.plan(pixel_values, image_sizes, [], getattr(cfg, "keep", None), getattr(cfg, "ratio", None),
+                             prune=sel is not None)
+        before = ad.tokens_per_image(plan)
+        image_sample, spans = assign_images(input_ids, attention_mask, ad.image_token_id, before)
+        plan.image_sample = image_sample
+        ctx.plan = plan
+        ctx.pixel_rows = rows
+
+        out = tower(rows, output_hidden_states=True, return_dict=True)
+        hs = out.hidden_states[ad.feature_layer]
+        n_pre = plan.n_prefix
+        patches = hs[:, n_pre:]
+        prefix = hs[:, :n_pre] if ad.keeps_cls else None
+        kept = sel.select(patches, ctx, ad) if sel is not None else all_rows(ctx)
+        ctx.kept = kept
+        idx = current_index(ctx, patches.device)
+        gathered = []
+        for r, k in enumerate(kept):
+            pos = torch.searchsorted(idx[r].contiguous(), k)
+            gathered.append(patches[r, pos])
+        counts = [g.shape[0] for g in gathered]
+        proj = ad.projector
+        if prefix is not None:
+            gathered = [torch.cat([prefix[r], g], 0) for r, g in enumerate(gathered)]
+        if len(set(counts)) == 1:
+            projected = list(proj(torch.stack(gathered)))
+        else:
+            flat = proj(torch.cat(gathered)[None])[0]
+            projected = list(torch.split(flat, [g.shape[0] for g in gathered]))
+        ctx.layer_tokens.append(("projector", counts))
+        feats = ad.pack(projected, kept, plan)
+        after = [f.shape[0] for f in feats]
+
+        side = padding_side(attention_mask)
+        pad_id = self._pad_id(input_ids, attention_mask)
+        new_ids, new_mask, new_labels, new_spans = shrink_placeholders(input_ids, attention_mask, labels, spans,
+                                                                       after, pad_id, side)
+        ctx.lm_spans = new_spans
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        inputs = {"input_ids": new_ids, "attention_mask": new_mask,
+                  "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=feats)}}
+        if new_labels is not None:
+            inputs["labels"] = new_labels
+        return inputs, (before, spans, after)
+
+    def _pad_id(self, input_ids, attention_mask) -> int:
+        pads = input_ids[attention_mask == 0]
+        if pads.numel():
+            return int(pads[0])
+        for src in (self.model.generation_config, self.model.config.get_text_config()):
+            pid = getattr(src, "pad_token_id", None)
+            if pid is not None:
+                return int(pid)
+        return 0
+
+    @staticmethod
+    def _restore_prompt(out, input_ids, shrunk_len):
+        seqs = out if isinstance(out, torch.Tensor) else out.sequences
+        restored = torch.cat([input_ids.to(seqs.device), seqs[:, shrunk_len:]], dim=1)
+        if isinstance(out, torch.Tensor):
+            return restored
+        out.sequences = restored
+        return out
+
+    def _trace(self, ctx: CallContext, spans_info, prefill_ms: float) -> Trace:
+        before, spans, after = spans_info
+        n_samples = len(spans)
+        samples = []
+        plan = ctx.plan
+        for s in range(n_samples):
+            imgs = [img for _, _, img in spans[s]]
+            kept_imgs = []
+            for img in imgs:
+                if ctx.llm_kept is not None and (s, img) in ctx.llm_kept:
+                    kept_imgs.append(ctx.llm_kept[(s, img)])
+                    continue
+                rws = plan.image_rows[img]
+                kept_imgs.append(torch.cat([ctx.kept[r].cpu() + j * plan.n_patches for j, r in enumerate(rws)]))
+            tb = sum(before[i] for i in imgs)
+            ta = sum(after[i] for i in imgs)
+            if ctx.llm_kept is not None and "tokens_after" in ctx.state:
+                ta = ctx.state["tokens_after"][s]
+            samples.append(SampleTrace(kept=kept_imgs, tokens_before=tb, tokens_after=ta))
+        return Trace(method="+".join(m.name for m in self.methods), samples=samples, prefill_ms=prefill_ms,
+                     layer_tokens=list(ctx.layer_tokens))
+
+
+def wrap(model: nn.Module, method: str | Pruner | list = "cls_topk", **config) -> WrappedModel:
+    """Wrap a supported HF LLaVA / LLaVA-NeXT model with a registered method.
+
+    Args:
+        model: `LlavaForConditionalGeneration` or `LlavaNextForConditionalGeneration` (CLIP or DINOv2 tower).
+        method: a registered method name (see `vlm_tools.list_methods()`), a Pruner, or a list of
+            `(name, config)` pairs to stack (modifiers such as `registers` plus at most one pruning method).
+        **config: the method's config fields, e.g. `keep=64` or `ratio=0.75`.
+
+    Returns:
+        A `WrappedModel`; its `forward`/`generate` prune, `unwrap()` restores the model exactly.
+    """
+    if isinstance(model, WrappedModel):
+        raise RuntimeError("this model is already wrapped; call unwrap() first or wrap the base model")
+    methods = build_methods(method, config)
+    return WrappedModel(model, methods)
+
+
+@contextmanager
+def attached(model: nn.Module, method: str | Pruner | list = "cls_topk", **config) -> Iterator[WrappedModel]:
+    """Temporary form of `wrap`: the wrapper is removed when the block exits, also on an exception."""
+    wrapped = wrap(model, method, **config)
+    try:
+        yield wrapped
+    finally:
+        wrapped.unwrap()

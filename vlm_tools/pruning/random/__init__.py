@@ -1,0 +1,1 @@
+"""Random visual-token pruning: the seeded uniform baseline."""
