@@ -14,6 +14,7 @@ anyres layout are kept, so the LLM sees `keep + rows_of_the_stitched_grid` token
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
@@ -62,29 +63,26 @@ class VisionPlan:
 
 
 def split_budget(total: int, capacity: list[int]) -> list[int]:
-    """Split `total` tokens evenly over crops with the given capacities (water-filling, remainder to the first)."""
+    """Split `total` tokens evenly over crops with the given capacities (water-filling; remainder to the first)."""
     if total > sum(capacity):
         raise ValueError(f"budget {total} exceeds the {sum(capacity)} available positions")
-    share = [0] * len(capacity)
-    open_rows = [i for i, c in enumerate(capacity) if c > 0]
-    left = total
-    while left > 0 and open_rows:
-        each, extra = divmod(left, len(open_rows))
-        nxt = []
-        for j, i in enumerate(open_rows):
-            want = each + (1 if j < extra else 0)
-            give = min(want, capacity[i] - share[i])
-            share[i] += give
-            left -= give
-            if share[i] < capacity[i]:
-                nxt.append(i)
-        if nxt == open_rows and each == 0 and extra == 0:
-            break
-        open_rows = nxt
+    lo, hi = 0, max(capacity, default=0)
+    while lo < hi:  # the highest fill level that fits the total
+        mid = (lo + hi + 1) // 2
+        if sum(min(c, mid) for c in capacity) <= total:
+            lo = mid
+        else:
+            hi = mid - 1
+    share = [min(c, lo) for c in capacity]
+    left = total - sum(share)
+    for i, c in enumerate(capacity):
+        if left and share[i] < c:
+            share[i] += 1
+            left -= 1
     return share
 
 
-class ModelAdapter:
+class ModelAdapter(ABC):
     """Module paths and token bookkeeping of one supported model family (instances wrap one model)."""
 
     family: str = ""
@@ -151,21 +149,21 @@ class ModelAdapter:
         return self.select_strategy == "full"
 
     # -- per call ---------------------------------------------------------------------------------------------
+    @abstractmethod
     def vision_rows(self, pixel_values: torch.Tensor, image_sizes) -> tuple[torch.Tensor, list[int]]:
         """Flatten the pixel input into vision-tower rows; returns `(rows, crops per image)`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def valid_positions(self, image_sizes, crops: list[int], device) -> torch.Tensor:
         """`(rows, n_patches)` mask of patch positions that reach the LLM."""
-        raise NotImplementedError
 
+    @abstractmethod
     def tokens_per_image(self, plan: VisionPlan) -> list[int]:
         """Number of LLM placeholder tokens per image without pruning (what the processor expanded)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def pack(self, projected: list[torch.Tensor], kept: list[torch.Tensor], plan: VisionPlan) -> list[torch.Tensor]:
         """Arrange the projected kept features of each row into the LLM token sequence of each image."""
-        raise NotImplementedError
 
     def plan(self, pixel_values: torch.Tensor, image_sizes, image_sample: list[int], keep: int | None,
              ratio: float | None, prune: bool) -> tuple[torch.Tensor, VisionPlan]:

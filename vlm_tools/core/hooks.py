@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["HookHandle", "find_hooks", "mark", "attach_guarded", "hook_dicts"]
+__all__ = ["HookHandle", "find_hooks", "hook_snapshot", "mark", "attach_guarded", "hook_dicts", "marked_ids",
+           "remove_marked_since"]
 
 _MARK = "_vlm_tools_hook"
 
@@ -37,6 +38,11 @@ def hook_dicts(module: nn.Module) -> dict[str, dict]:
     }
 
 
+def hook_snapshot(model: nn.Module) -> dict[str, dict[str, list[int]]]:
+    """Every module's hook ids by kind (vlm_tools' and anyone else's), to compare a model before and after."""
+    return {name: {k: list(d.keys()) for k, d in hook_dicts(m).items()} for name, m in model.named_modules()}
+
+
 def find_hooks(model: nn.Module) -> list[tuple[str, str]]:
     """List `(module name, hook kind)` of every vlm_tools hook still registered anywhere in `model`."""
     found = []
@@ -44,6 +50,26 @@ def find_hooks(model: nn.Module) -> list[tuple[str, str]]:
         for kind, hooks in hook_dicts(mod).items():
             found.extend((name, kind) for fn in hooks.values() if getattr(fn, _MARK, False))
     return found
+
+
+def _marked(model: nn.Module) -> list[tuple[dict, int]]:
+    return [(hooks, hid) for _, mod in model.named_modules() for hooks in hook_dicts(mod).values()
+            for hid, fn in list(hooks.items()) if getattr(fn, _MARK, False)]
+
+
+def remove_marked_since(model: nn.Module, before: set[int]) -> int:
+    """Safety net for a failed attach: drop vlm_tools hooks registered after `before` (ids); returns how many."""
+    n = 0
+    for hooks, hid in _marked(model):
+        if hid not in before:
+            hooks.pop(hid, None)
+            n += 1
+    return n
+
+
+def marked_ids(model: nn.Module) -> set[int]:
+    """Ids of the vlm_tools hooks currently on `model`."""
+    return {hid for _, hid in _marked(model)}
 
 
 class HookHandle:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from vlm_tools.core.adapters import ModelAdapter, get_adapter
-from vlm_tools.core.hooks import HookHandle, find_hooks
+from vlm_tools.core.hooks import HookHandle, find_hooks, marked_ids, remove_marked_since
 from vlm_tools.core.tokens import assign_images, padding_side, shrink_placeholders
 from vlm_tools.pruning.base import CallContext, ContextSlot, Pruner, all_rows, current_index
 
@@ -100,6 +100,10 @@ def build_methods(method: str | Pruner | list, config: dict) -> list[Pruner]:
         if config:
             raise TypeError("pass per-method configs inside the list when stacking methods")
         items = method
+    elif isinstance(method, Pruner):
+        if config:
+            raise TypeError("a Pruner instance carries its own config; pass no keyword arguments")
+        items = [method]
     else:
         items = [(method, config)]
     out: list[Pruner] = []
@@ -148,12 +152,14 @@ class WrappedModel:
         self._enabled = True
         self.last_trace: Trace | None = None
         self._handle = HookHandle("wrap")
+        before = marked_ids(model)
         try:
             for m in methods:
                 self._handle.add(m.attach(model, self.adapter, self._slot))
             self._handle.forward_hook(self.adapter.language_model, functools.partial(_prefill_hook, slot=self._slot))
         except BaseException:
             self._handle.remove()
+            remove_marked_since(model, before)  # hooks of a method whose attach failed before returning its handle
             raise
 
     # -- public API ------------------------------------------------------------------------------------------
@@ -343,8 +349,11 @@ class WrappedModel:
             if ctx.llm_kept is not None and "tokens_after" in ctx.state:
                 ta = ctx.state["tokens_after"][s]
             samples.append(SampleTrace(kept=kept_imgs, tokens_before=tb, tokens_after=ta))
+        extra = {}
+        if isinstance(ctx.state.get("scores"), torch.Tensor):
+            extra["scores"] = ctx.state["scores"].detach().float().cpu()  # per vision row, over current patches
         return Trace(method="+".join(m.name for m in self.methods), samples=samples, prefill_ms=prefill_ms,
-                     layer_tokens=list(ctx.layer_tokens))
+                     layer_tokens=list(ctx.layer_tokens), extra=extra)
 
 
 def wrap(model: nn.Module, method: str | Pruner | list = "cls_topk", **config) -> WrappedModel:

@@ -110,6 +110,15 @@ class Pruner:
         """Register the method's hooks on the model instance. Default: none."""
         return HookHandle(self.name)
 
+    @classmethod
+    def example_config(cls, model: nn.Module, workdir: str | None = None) -> dict[str, Any]:
+        """A small valid config for `model` (used by `vlm-tools demo` and the contract tests)."""
+        if issubclass(cls.config_cls, BudgetConfig):
+            from vlm_tools.core.adapters import get_adapter
+
+            return {"keep": max(1, get_adapter(model).n_patches // 8)}
+        return {}
+
     def check(self, adapter: ModelAdapter) -> None:
         """Raise a clear error if the method cannot run on this model (called before attaching)."""
 

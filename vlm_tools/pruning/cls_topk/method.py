@@ -24,7 +24,7 @@ def _score_hook(module, args, kwargs, slot: ContextSlot, head_dim: int) -> None:
     plan = ctx.plan
     attn = query_attention(module, hidden, head_dim, query=0)  # (B, H, 1, L)
     end = hidden.shape[1] - plan.n_suffix
-    ctx.state["cls_attn"] = attn[:, :, 0, plan.n_prefix:end].mean(1)
+    ctx.state["scores"] = attn[:, :, 0, plan.n_prefix:end].mean(1)
 
 
 @register_method("cls_topk", kind="vision", config=ClsTopKConfig,
@@ -44,4 +44,4 @@ class ClsTopK(Pruner):
         return handle
 
     def select(self, features, ctx, adapter):
-        return topk_rows(ctx.state["cls_attn"], ctx)
+        return topk_rows(ctx.state["scores"], ctx)

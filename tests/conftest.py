@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny random LLaVA / LLaVA-NeXT models built from configs, and their inputs (offline)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from vlm_tools.testing import TinyCase
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session", params=["llava-clip", "llava_next-clip", "llava-dinov2"])
+def tiny(request) -> TinyCase:
+    """Each supported family, and the DINOv2 tower on LLaVA."""
+    kind, vision = request.param.split("-")
+    return TinyCase(kind, vision)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava() -> TinyCase:
+    return TinyCase("llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_next() -> TinyCase:
+    return TinyCase("llava_next")

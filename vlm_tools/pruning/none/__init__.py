@@ -1,0 +1,1 @@
+"""`none`: the unpruned reference through the same code path as every method."""
