@@ -55,15 +55,16 @@ def register_method(name: str, *, kind: str, config: Any, description: str):
 def _load_builtin() -> None:
     if _loaded:
         return
-    _loaded.append(True)
     for pkg_name in _METHOD_PACKAGES:
         pkg = importlib.import_module(pkg_name)
         for info in pkgutil.iter_modules(pkg.__path__):
-            if info.ispkg:
+            # a method folder is a sub-package with a `method` module (shared helpers live in plain modules)
+            if info.ispkg and importlib.util.find_spec(f"{pkg_name}.{info.name}.method") is not None:
                 importlib.import_module(f"{pkg_name}.{info.name}.method")
     for mod in _METHOD_MODULES:
-        if importlib.util.find_spec(mod) is not None:
+        if importlib.util.find_spec(mod.rpartition(".")[0]) is not None and importlib.util.find_spec(mod):
             importlib.import_module(mod)
+    _loaded.append(True)
 
 
 def get_method(name: str) -> MethodInfo:
