@@ -99,3 +99,31 @@ def _valid(case, sample):
     adapter = vlm_tools.get_adapter(case.model)
     rows, plan = adapter.plan(case.batch["pixel_values"], case.batch["image_sizes"], [0, 1], None, None, prune=False)
     return int(plan.valid[plan.image_rows[sample]].sum())
+
+
+def test_forward_with_labels_shrinks_labels(tiny_llava):
+    """labels follow the shrunk placeholder run; the loss equals a hand computation on the shrunk sequence."""
+    import torch.nn.functional as F
+
+    case = tiny_llava
+    batch = dict(case.batch)
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    labels[labels == case.model.config.image_token_id] = -100
+    with vlm_tools.attached(case.model, "cls_topk", keep=6) as wrapped, torch.no_grad():
+        out = wrapped(**batch, labels=labels)
+    logits = out.logits
+    assert logits.shape[1] == batch["input_ids"].shape[1] - (64 - 6)  # each row loses 58 placeholders
+    # rebuild the shrunk labels by hand: text labels in order, left-padded, image run of 6 ignored
+    ref = []
+    for s in range(2):
+        img_id = case.model.config.image_token_id
+        text = labels[s][(batch["attention_mask"][s] == 1) & (batch["input_ids"][s] != img_id)]
+        ids = batch["input_ids"][s][batch["attention_mask"][s] == 1]
+        first = int((ids == case.model.config.image_token_id).nonzero()[0])
+        row = torch.cat([text[:first], torch.full((6,), -100), text[first:]])
+        ref.append(torch.cat([torch.full((logits.shape[1] - row.numel(),), -100), row]))
+    ref = torch.stack(ref)
+    expect = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ref[:, 1:].reshape(-1),
+                             ignore_index=-100)
+    torch.testing.assert_close(out.loss, expect, atol=1e-5, rtol=1e-5)
