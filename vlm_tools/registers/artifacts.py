@@ -1,0 +1,361 @@
+"""Artifact-token metrics for ViTs and register students, and a side-by-side report on an image folder.
+
+* Norm outliers: L2 norms of the patch tokens at a block output (the pre-final-norm residual stream; thresholds do
+  not transfer to post-LN features), flagged by a fixed threshold or a robust per-image rule: ``mad``
+  (``(n - median) / (1.4826 * MAD) > k``) or ``ratio`` (``n > k * median``). Also max and median norm.
+* Attention sink: the CLS query's attention over the patch keys, head-mean, at one block, recomputed in fp32 from the
+  block's q/k projections in a forward pre-hook (the model keeps its SDPA/flash attention). The score is the maximum
+  over patches. Register keys take part in the softmax, so registers that absorb attention lower it.
+* TTA residual: ``1 - cos(f_i, f~_i)`` between a model's patch features and their shift/flip average (:mod:`.tta`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import backbones, tta
+
+__all__ = [
+    "OUTLIER_RULES",
+    "ArtifactMeasures",
+    "artifact_report",
+    "measure_artifacts",
+    "norm_map_image",
+    "outlier_mask",
+    "summarize",
+]
+
+OUTLIER_RULES = ("mad", "ratio", "fixed")
+
+
+def outlier_mask(norms: torch.Tensor, rule: str = "mad", k: float = 5.0, threshold: float | None = None) -> torch.Tensor:
+    """Flag outlier tokens per image.
+
+    Args:
+        norms: ``(B, N)`` (or ``(B, H, W)``) token norms.
+        rule: ``"mad"``: robust z-score ``(n - median) / (1.4826 * MAD) > k``; ``"ratio"``: ``n > k * median``;
+            ``"fixed"``: ``n > threshold``.
+        k: Rule parameter (ignored for ``fixed``).
+        threshold: Norm threshold for ``fixed`` (e.g. 150 for DINOv2, 30 for CLIP-B/16 at their usual layers).
+
+    Returns:
+        Boolean mask of ``norms``' shape.
+    """
+    if rule not in OUTLIER_RULES:
+        raise ValueError(f"unknown outlier rule {rule!r}; choose from {list(OUTLIER_RULES)}")
+    if rule == "fixed":
+        if threshold is None:
+            raise ValueError("rule 'fixed' needs a threshold")
+        return norms > threshold
+    flat = norms.reshape(norms.shape[0], -1).float()
+    med = flat.median(dim=1, keepdim=True).values
+    if rule == "ratio":
+        mask = flat > k * med
+    else:
+        mad = (flat - med).abs().median(dim=1, keepdim=True).values
+        mask = (flat - med) / (1.4826 * mad).clamp_min(1e-12) > k
+    return mask.view(norms.shape)
+
+
+def _attention_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    if args:
+        return args[0]
+    for key in ("hidden_states", "x"):
+        if key in kwargs:
+            return kwargs[key]
+    raise RuntimeError("could not find the attention input among the call's arguments")
+
+
+def _cls_row(family: str, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` head-mean attention of token 0 over all keys, recomputed in fp32."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        xf = x.float()
+        b, t, _ = xf.shape
+        if family == "timm":
+            if not hasattr(attn, "qkv"):
+                raise TypeError(f"{type(attn).__name__} has no fused qkv projection; the CLS row cannot be recomputed")
+            heads, hd = attn.num_heads, attn.head_dim
+            qkv = F.linear(xf, attn.qkv.weight.float(), None if attn.qkv.bias is None else attn.qkv.bias.float())
+            q, k, _ = qkv.reshape(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+            q = attn.q_norm(q.to(x.dtype)).float() if not isinstance(attn.q_norm, nn.Identity) else q
+            k = attn.k_norm(k.to(x.dtype)).float() if not isinstance(attn.k_norm, nn.Identity) else k
+            scale = attn.scale
+        else:
+            heads = attn.num_attention_heads if family == "hf_dinov2" else attn.num_heads
+            hd = attn.head_dim
+            q = F.linear(xf[:, :1], attn.q_proj.weight.float(),
+                         None if attn.q_proj.bias is None else attn.q_proj.bias.float())
+            k = F.linear(xf, attn.k_proj.weight.float(), None if attn.k_proj.bias is None else attn.k_proj.bias.float())
+            q = q.view(b, 1, heads, hd).transpose(1, 2)
+            k = k.view(b, t, heads, hd).transpose(1, 2)
+            scale = attn.scaling if family == "hf_dinov2" else attn.scale
+        logits = (q[:, :, :1] @ k.transpose(-1, -2)) * scale  # (B, H, 1, T)
+        return logits.softmax(-1).mean(1)[:, 0]
+
+
+def _cls_row_hook(store: dict, family: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    store["cls_row"] = _cls_row(family, module, _attention_input(args, kwargs)).detach()
+
+
+def _block_output_hook(store: dict, module: nn.Module, args: tuple, output: Any) -> None:
+    store["tokens"] = (output[0] if isinstance(output, tuple) else output).detach()
+
+
+@dataclass
+class ArtifactMeasures:
+    """Per-image artifact measurements of one model on one batch.
+
+    Attributes:
+        norms: ``(B, gh, gw)`` patch-token norms at ``block``.
+        outliers: ``(B, gh, gw)`` outlier mask.
+        cls_attention: ``(B, gh, gw)`` head-mean CLS-to-patch attention at ``sink_block``.
+        tta_residual: ``(B, gh, gw)`` ``1 - cos`` to the TTA average (``None`` when not computed).
+        block: Block of the norms (normalised to a non-negative index).
+        sink_block: Block of the attention row (normalised).
+    """
+
+    norms: torch.Tensor
+    outliers: torch.Tensor
+    cls_attention: torch.Tensor
+    tta_residual: torch.Tensor | None
+    block: int
+    sink_block: int
+
+    def per_image(self) -> list[dict]:
+        """Per-image scalar summaries."""
+        out = []
+        for i in range(self.norms.shape[0]):
+            n = self.norms[i].flatten()
+            med = float(n.median())
+            d = {"outlier_rate": float(self.outliers[i].float().mean()), "max_norm": float(n.max()),
+                 "median_norm": med, "max_over_median": float(n.max()) / med if med > 0 else math.inf,
+                 "sink_score": float(self.cls_attention[i].max())}
+            if self.tta_residual is not None:
+                d["tta_residual"] = float(self.tta_residual[i].mean())
+            out.append(d)
+        return out
+
+
+@torch.no_grad()
+def measure_artifacts(model: nn.Module, pixel_values: torch.Tensor, block: int = -1, sink_block: int = -1,
+                      rule: str = "mad", k: float = 5.0, threshold: float | None = None, tta_views: int = 10,
+                      shift_frac: float = 0.15, seed: int = 0) -> ArtifactMeasures:
+    """Measure norm outliers, the CLS attention sink and the TTA residual of a model on a batch.
+
+    Args:
+        model: A supported ViT or a :class:`.student.RegisterStudent` (its registers are not scored).
+        pixel_values: ``(B, 3, H, W)`` images normalised for the model.
+        block: Block whose output norms are measured (pre-final-norm).
+        sink_block: Block whose CLS attention row is recomputed.
+        rule: Outlier rule (see :func:`outlier_mask`).
+        k: Rule parameter.
+        threshold: Threshold of the ``fixed`` rule.
+        tta_views: Views of the TTA residual (0 or 1 skips it).
+        shift_frac: TTA shift range.
+        seed: TTA plan seed.
+
+    Returns:
+        The measurements.
+    """
+    vit = tta._vit_of(model)
+    spec = backbones.describe(vit)
+    gh, gw = backbones.grid_shape(spec, pixel_values.shape[-2], pixel_values.shape[-1])
+    blocks = backbones.get_blocks(vit)
+    b_idx = backbones.resolve_block(block, len(blocks))
+    s_idx = backbones.resolve_block(sink_block, len(blocks))
+    store: dict = {}
+    handles = []
+    try:
+        handles.append(blocks[b_idx].register_forward_hook(functools.partial(_block_output_hook, store)))
+        attn = backbones.get_attention(blocks[s_idx], spec.family)
+        handles.append(attn.register_forward_pre_hook(functools.partial(_cls_row_hook, store, spec.family),
+                                                      with_kwargs=True))
+        final = backbones.patch_tokens(vit, pixel_values, None)
+    finally:
+        for h in handles:
+            h.remove()
+    start, n = spec.num_prefix_tokens, gh * gw
+    b = pixel_values.shape[0]
+    norms = store["tokens"][:, start: start + n].float().norm(dim=-1).view(b, gh, gw)
+    cls_att = store["cls_row"][:, start: start + n].view(b, gh, gw)
+    resid = None
+    if tta_views > 1:
+        avg = tta.tta_denoise(vit, pixel_values, tta_views, shift_frac, seed).features
+        resid = (1.0 - F.cosine_similarity(final.float(), avg, dim=-1, eps=1e-8)).view(b, gh, gw)
+    return ArtifactMeasures(norms=norms.cpu(), outliers=outlier_mask(norms, rule, k, threshold).cpu(),
+                            cls_attention=cls_att.cpu(), tta_residual=None if resid is None else resid.cpu(),
+                            block=b_idx, sink_block=s_idx)
+
+
+def summarize(measures: Sequence[ArtifactMeasures]) -> dict:
+    """Aggregate measurements over batches: pooled outlier rate, max/median norms, mean sink score and residual."""
+    norms = torch.cat([m.norms.flatten(1) for m in measures])
+    outl = torch.cat([m.outliers.flatten(1) for m in measures])
+    sink = torch.cat([m.cls_attention.flatten(1).max(1).values for m in measures])
+    med = norms.median(dim=1).values
+    out = {
+        "num_images": int(norms.shape[0]),
+        "num_tokens": int(norms.numel()),
+        "outlier_rate": float(outl.float().mean()),
+        "max_norm": float(norms.max()),
+        "median_norm": float(norms.median()),
+        "max_over_median": float((norms.max(dim=1).values / med.clamp_min(1e-12)).mean()),
+        "sink_score": float(sink.mean()),
+    }
+    if all(m.tta_residual is not None for m in measures):
+        out["tta_residual"] = float(torch.cat([m.tta_residual.flatten() for m in measures]).mean())
+    return out
+
+
+_VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float32)
+
+
+def norm_map_image(values: np.ndarray, vmax: float, scale: int, outliers: np.ndarray | None = None):
+    """Render a ``(gh, gw)`` map as an RGB ``PIL.Image`` (viridis-like, 0..vmax), outliers outlined in red."""
+    from PIL import Image
+
+    v = np.clip(values / max(vmax, 1e-12), 0.0, 1.0) * (len(_VIRIDIS) - 1)
+    lo = np.floor(v).astype(int).clip(0, len(_VIRIDIS) - 2)
+    frac = (v - lo)[..., None]
+    rgb = (_VIRIDIS[lo] * (1 - frac) + _VIRIDIS[lo + 1] * frac).astype(np.uint8)
+    big = np.kron(rgb, np.ones((scale, scale, 1), dtype=np.uint8))
+    if outliers is not None and scale >= 3:
+        for r, c in zip(*np.nonzero(outliers)):
+            y, x = r * scale, c * scale
+            big[y, x: x + scale] = big[y + scale - 1, x: x + scale] = (255, 0, 0)
+            big[y: y + scale, x] = big[y: y + scale, x + scale - 1] = (255, 0, 0)
+    return Image.fromarray(big)
+
+
+def _labelled_row(tiles: Sequence[tuple[str, Any]], pad: int = 4):
+    from PIL import Image, ImageDraw
+
+    label_h = 14
+    w = sum(t.width for _, t in tiles) + pad * (len(tiles) + 1)
+    h = max(t.height for _, t in tiles) + label_h + 2 * pad
+    canvas = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    x = pad
+    for label, tile in tiles:
+        draw.text((x, pad // 2), label, fill=(0, 0, 0))
+        canvas.paste(tile, (x, pad + label_h))
+        x += tile.width + pad
+    return canvas
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _denormalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    m = torch.tensor(mean).view(3, 1, 1)
+    s = torch.tensor(std).view(3, 1, 1)
+    return (((x.cpu().float() * s + m).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+
+
+@torch.no_grad()
+def artifact_report(models: Mapping[str, nn.Module], images: str | os.PathLike | Sequence[str | os.PathLike],
+                    out_dir: str | os.PathLike, image_size: int | None = None, block: int = -1, sink_block: int = -1,
+                    rule: str = "mad", k: float = 5.0, threshold: float | None = None, tta_views: int = 10,
+                    shift_frac: float = 0.15, seed: int = 0, max_images: int | None = 16, batch_size: int = 4,
+                    maps: bool = True) -> dict:
+    """Measure several models (e.g. teacher and student) side by side on the same images.
+
+    Writes ``report.json`` (settings, per-model aggregates, per-image values) and, with ``maps``, one PNG per image:
+    the input crop and each model's norm map on a shared colour scale, outliers outlined in red.
+
+    Args:
+        models: Display name to model (supported ViTs or register students sharing patch size and normalisation).
+        images: An image folder (any tree of jpg/png) or a list of image files.
+        out_dir: Output folder.
+        image_size: Centre-crop side (default: the first model's native size).
+        block: Norm block. sink_block: Attention block. rule, k, threshold: Outlier rule (:func:`outlier_mask`).
+        tta_views: Views of the TTA residual (0 skips it). shift_frac: TTA shift range. seed: TTA seed.
+        max_images: Use at most this many images (sorted order); ``None`` for all.
+        batch_size: Images per forward.
+        maps: Write the PNG norm maps.
+
+    Returns:
+        The report dict (as written to ``report.json``).
+    """
+    from . import data
+
+    if not models:
+        raise ValueError("give at least one model")
+    specs = {name: backbones.describe(tta._vit_of(m)) for name, m in models.items()}
+    first = next(iter(specs.values()))
+    for name, s in specs.items():
+        if (s.patch_size, s.mean, s.std) != (first.patch_size, first.mean, first.std):
+            raise ValueError(f"model {name!r} differs from the first in patch size or normalisation")
+    if isinstance(images, (str, os.PathLike)):
+        files = data.list_images(images)
+    else:
+        files = [Path(p) for p in images]
+        if not files:
+            raise ValueError("no images given")
+    if max_images is not None:
+        files = files[:max_images]
+    size = image_size or first.image_size
+    backbones.grid_shape(first, size, size)
+    source = data.ImageSource(paths=files, description="report")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    per_model: dict[str, list[ArtifactMeasures]] = {name: [] for name in models}
+    per_image: list[dict] = []
+    figures: list[str] = []
+    for start in range(0, len(files), batch_size):
+        idx = list(range(start, min(start + batch_size, len(files))))
+        batch = torch.stack([data.preprocess(source.load(i), size, first.mean, first.std) for i in idx])
+        results = {}
+        for name, model in models.items():
+            dev = next(model.parameters()).device
+            m = measure_artifacts(model, batch.to(dev), block, sink_block, rule, k, threshold, tta_views,
+                                  shift_frac, seed)
+            per_model[name].append(m)
+            results[name] = m
+        for j, i in enumerate(idx):
+            rec: dict[str, Any] = {"file": str(files[i])}
+            for name, m in results.items():
+                rec[name] = m.per_image()[j]
+            per_image.append(rec)
+            if maps:
+                from PIL import Image
+
+                gh, gw = results[next(iter(results))].norms.shape[1:]
+                scale = max(4, 224 // max(gh, gw))
+                vmax = max(float(m.norms[j].max()) for m in results.values())
+                inp = Image.fromarray(_denormalise(batch[j], first.mean, first.std)).resize((gw * scale, gh * scale))
+                tiles = [("input", inp)] + [
+                    (f"{name} max {float(m.norms[j].max()):.1f}",
+                     norm_map_image(m.norms[j].numpy(), vmax, scale, m.outliers[j].numpy()))
+                    for name, m in results.items()]
+                fig = out / f"norms_{i:03d}_{files[i].stem}.png"
+                _labelled_row(tiles).save(fig)
+                figures.append(fig.name)
+    report = {
+        "settings": {"image_size": size, "block": block, "sink_block": sink_block, "rule": rule, "k": k,
+                     "threshold": threshold, "tta_views": tta_views, "shift_frac": shift_frac, "seed": seed,
+                     "num_images": len(files)},
+        "models": {name: summarize(ms) for name, ms in per_model.items()},
+        "specs": {name: s.to_json() for name, s in specs.items()},
+        "images": per_image,
+        "figures": figures,
+    }
+    _atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    return report
