@@ -97,7 +97,8 @@ def _add_report(sub) -> None:
 def register_cli(subparsers) -> argparse.ArgumentParser:
     """Add the ``registers`` command group (``distill``, ``report``) to an argparse subparsers object.
 
-    The chosen command's function is stored as ``args.func`` (and ``args.registers_func``); call ``args.func(args)``.
+    The chosen command runs through ``args.func(args)``, which returns an exit code (2 with a one-line message on
+    bad input).
 
     Returns:
         The ``registers`` parser.
@@ -107,8 +108,20 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     sub.required = True
     _add_distill(sub)
     _add_report(sub)
-    p.set_defaults(func=lambda args: args.registers_func(args))
+    p.set_defaults(func=_dispatch)
     return p
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the chosen command; bad input (missing files, invalid settings, corrupt checkpoints) prints one line."""
+    from .distill import CheckpointError
+    from .student import StudentFormatError
+
+    try:
+        return int(args.registers_func(args) or 0)
+    except (ValueError, FileNotFoundError, TypeError, CheckpointError, StudentFormatError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def _run_distill(args: argparse.Namespace) -> int:
@@ -131,9 +144,11 @@ def _run_distill(args: argparse.Namespace) -> int:
 
 def _run_report(args: argparse.Namespace) -> int:
     from .artifacts import artifact_report
+    from .data import list_images
     from .distill import load_backbone
     from .student import load_student
 
+    list_images(args.images)  # fail fast on a bad folder, before loading any model
     base = load_backbone(args.backbone, args.weights, args.model_kwargs)
     models = {"base": base}
     if args.student:
@@ -162,11 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] != "registers":
         argv = ["registers", *argv]
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

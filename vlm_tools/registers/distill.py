@@ -267,6 +267,8 @@ def load_backbone(backbone: str, weights: str | None = None, model_kwargs: Mappi
     if kind == "timm":
         import timm
 
+        if not timm.is_model(name):
+            raise ValueError(f"unknown timm model {name!r} (see timm.list_models())")
         kwargs = dict(model_kwargs or {})
         if weights is not None:
             kwargs["pretrained"] = True

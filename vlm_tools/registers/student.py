@@ -45,8 +45,11 @@ __all__ = [
     "StudentFormatError",
     "attach_registers",
     "build_student",
+    "iter_hooks",
     "load_student",
+    "read_student_export",
     "save_student",
+    "strip_registers",
 ]
 
 UNLOCK_GROUPS = ("registers", "pos_embed", "patch_embed", "last_block")
@@ -155,7 +158,12 @@ def _strip_any(value: Any, n: int, seq_len: int) -> Any:
     return _strip_tensor(value, n, seq_len)
 
 
-def _strip_registers(num_registers: int, module: nn.Module, args: tuple, output: Any) -> Any:
+def strip_registers(num_registers: int, module: nn.Module, args: tuple, output: Any) -> Any:
+    """Forward-hook body: drop the last ``num_registers`` tokens from an HF vision model's outputs.
+
+    Handles ``ModelOutput`` (``last_hidden_state``, every ``hidden_states`` entry, ``attentions`` rows and columns;
+    ``None`` entries stay ``None``) and the tuple returned with ``return_dict=False``.
+    """
     if isinstance(output, Mapping):  # transformers ModelOutput
         last = output.get("last_hidden_state")
         if last is None:
@@ -193,7 +201,7 @@ def attach_registers(vit: nn.Module, registers: nn.Parameter) -> RegisterHooks:
     handles: list = []
     try:
         handles.append(vit.embeddings.register_forward_hook(functools.partial(_append_registers, registers)))
-        handles.append(vit.register_forward_hook(functools.partial(_strip_registers, int(registers.shape[1]))))
+        handles.append(vit.register_forward_hook(functools.partial(strip_registers, int(registers.shape[1]))))
     except BaseException:
         for h in handles:
             h.remove()
