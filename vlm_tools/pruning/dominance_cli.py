@@ -1,0 +1,136 @@
+"""`vlm-tools dominance`: MDI / AEI of one image and prompt, before and after pruning, as JSON + PNG.
+
+Examples::
+
+    vlm-tools dominance --model default --image cat.png --prompt "What shape is in the image?" \\
+        --method cls_topk --ratios 0.75,0.9,0.95 --out out/dominance
+    vlm-tools dominance --model PATH --image cat.png --prompt "USER: <image>\\nDescribe it. ASSISTANT:" --out out/
+
+Writes `dominance.json` (one report per run: the base model first, then the method at each budget) and
+`dominance.png` (per-stage MDI / AEI bars; a single run also gets its per-layer chart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register_cli", "load_model"]
+
+
+def load_model(spec: str, dtype: str = "float32") -> tuple[Any, Any]:
+    """`(model, processor)` for `--model`: "default" (the embedded default VLM), "tiny" / "tiny_next" (random tiny
+    models for smoke tests) or an HF LLaVA / LLaVA-NeXT folder."""
+    import torch
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if spec == "default":
+        from vlm_tools.assets.default_model import load_default
+
+        return load_default(dtype=torch_dtype)
+    if spec in ("tiny", "tiny_next"):
+        from vlm_tools.core.models import build_tiny_llava
+
+        return build_tiny_llava("llava" if spec == "tiny" else "llava_next")
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"--model {spec!r}: no such folder (use 'default', 'tiny' or an HF model folder)")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype).eval()
+    return model, AutoProcessor.from_pretrained(path)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _prompt(spec: str, processor: Any, prompt: str) -> str:
+    if spec == "default":
+        from vlm_tools.assets.default_model import IMAGE_TOKEN, format_prompt
+
+        if IMAGE_TOKEN not in prompt:
+            return format_prompt(processor, prompt)
+    if spec in ("tiny", "tiny_next") and "<image>" not in prompt:
+        return f"<image> {prompt}"
+    return prompt
+
+
+def _cmd_dominance(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from vlm_tools.pruning.dominance import dominance, plot_comparison
+
+    if args.ratios and args.keep:
+        raise SystemExit("give --ratios or --keep, not both")
+    if (args.ratios or args.keep) and not args.method:
+        raise SystemExit("--ratios / --keep need --method (e.g. --method cls_topk)")
+    if args.method and not (args.ratios or args.keep):
+        raise SystemExit("--method needs a budget: --ratios 0.75,0.9,0.95 or --keep 64")
+    if args.boundaries is not None and len(args.boundaries) != 2:
+        raise SystemExit("--boundaries takes two layer indices a,b (early [0,a), middle [a,b), late [b,L))")
+    model, processor = load_model(args.model, args.dtype)
+    image = Image.open(args.image).convert("RGB")
+    prompt = _prompt(args.model, processor, args.prompt)
+    common = {"max_new_tokens": args.max_new_tokens,
+              "boundaries": tuple(args.boundaries) if args.boundaries else None}
+    runs: list[tuple[str, dict]] = [("base", {})]
+    runs += [(f"{args.method} ratio={r}", {"ratio": r}) for r in args.ratios or []]
+    runs += [(f"{args.method} keep={k}", {"keep": k}) for k in args.keep or []]
+    reports = {}
+    for label, budget in runs:
+        method = None if label == "base" else args.method
+        reports[label] = dominance(model, processor, image, prompt, method, **common, **budget)
+        st = reports[label].stages
+        print(f"{label:<28} " + "  ".join(f"{n}: MDI {_fmt(s.mdi)} AEI {_fmt(s.aei_text)}" for n, s in st.items())
+              + f"  | {reports[label].generated_text!r}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from vlm_tools.pruning.dominance import write_bytes_atomic
+
+    payload = {"model": args.model, "image": str(args.image), "prompt": prompt,
+               "runs": [{"label": k, **v.to_dict()} for k, v in reports.items()]}
+    write_bytes_atomic(out / "dominance.json", json.dumps(payload, indent=2).encode())
+    if len(reports) == 1:
+        reports["base"].plot(out / "dominance.png")
+    else:
+        plot_comparison(reports, out / "dominance.png")
+    print(f"wrote {out / 'dominance.json'} and {out / 'dominance.png'}")
+    return 0
+
+
+def _fmt(v: float) -> str:
+    return "n/a" if math.isnan(v) else f"{v:.2f}"
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `dominance` verb."""
+    p = subparsers.add_parser("dominance", help="text-dominance metrics (MDI / AEI) before and after pruning",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default", help="'default', 'tiny', 'tiny_next' or an HF model folder")
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--prompt", required=True, help="question (put in the model's template) or a full prompt with "
+                                                    "the image placeholder")
+    p.add_argument("--method", default=None, help="pruning method to compare against the base model (cls_topk "
+                                                  "reproduces the paper)")
+    p.add_argument("--ratios", type=_floats, default=None, help="comma-separated fractions removed, e.g. "
+                                                                "0.75,0.9,0.95")
+    p.add_argument("--keep", type=_ints, default=None, help="comma-separated token budgets instead of --ratios")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--boundaries", type=_ints, default=None, help="stage boundaries a,b (default: thirds)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--out", default="out/dominance", help="output folder")
+    p.set_defaults(func=_cmd_dominance)
