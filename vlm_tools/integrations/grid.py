@@ -1,0 +1,444 @@
+"""Evaluation grids (methods x budgets x tasks) for `vlm-tools eval`: the spec, cell records and comparison table.
+
+A grid comes from a run YAML (see `eval_configs/grids/`) and/or command-line flags (flags win). Each method with a
+budget field runs once per budget; a method without one (`none`) runs once. Unless disabled, the `none` baseline is
+added so every row gets its retention (score / baseline score on the same task).
+
+Nothing here imports torch or lmms-eval.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlm_tools.integrations.model_args import method_fields, validate_method
+
+__all__ = [
+    "BASELINE",
+    "PRIMARY_METRICS",
+    "TABLE_COLUMNS",
+    "Budget",
+    "GridSpec",
+    "MethodSpec",
+    "RunSpec",
+    "build_table",
+    "load_grid_yaml",
+    "parse_methods",
+    "parse_number_list",
+    "primary_metric",
+    "render_csv",
+    "render_markdown",
+    "spec_to_dict",
+    "summarize_task",
+    "write_json_atomic",
+    "write_table",
+]
+
+BASELINE = "none"
+
+#: The headline metric of each standard benchmark (lmms-eval 0.7.3 result keys, filter suffix dropped).
+PRIMARY_METRICS: dict[str, str] = {
+    "gqa": "exact_match",
+    "mme": "mme_perception_score",
+    "pope": "pope_f1_score",
+    "pope_full": "pope_f1_score",
+    "scienceqa_img": "exact_match",
+    "textvqa_val": "exact_match",
+    "mmbench_en_dev_static": "gpt_eval_score",
+    "mmbench_en_dev": "gpt_eval_score",
+    "seedbench": "seed_image",
+    "vqav2_val": "exact_match",
+    "vqav2_val_lite": "exact_match",
+    "vizwiz_vqa_val": "exact_match",
+    "mmvet": "gpt_eval_score",
+}
+
+TABLE_COLUMNS = ("task", "metric", "method", "budget", "score", "retention", "visual_tokens", "visual_tokens_before",
+                 "prefill_ms", "peak_memory_mb", "n_samples")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method name plus fixed config fields (other than the budget), e.g. `random` with `seed=1`."""
+
+    name: str
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        """`name` or `name[k=v,...]` (used in the table)."""
+        if not self.kwargs:
+            return self.name
+        return f"{self.name}[{','.join(f'{k}={v}' for k, v in self.kwargs)}]"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """`keep=N` (tokens per image), `ratio=r` (fraction removed), or None (the method takes no budget)."""
+
+    kind: str | None = None
+    value: int | float | None = None
+
+    @property
+    def label(self) -> str:
+        return "full" if self.kind is None else f"{self.kind}={self.value}"
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return {} if self.kind is None else {self.kind: self.value}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One model wrap: a method at one budget, evaluated on the grid's tasks."""
+
+    method: MethodSpec
+    budget: Budget
+
+    @property
+    def method_kwargs(self) -> dict[str, Any]:
+        return {**dict(self.method.kwargs), **self.budget.as_kwargs()}
+
+    @property
+    def run_id(self) -> str:
+        """A file-system-safe id, e.g. `cls_topk_keep64`, `random-seed1_keep64`, `none_full`."""
+        extra = "".join(f"-{k}{v}" for k, v in self.method.kwargs)
+        budget = "full" if self.budget.kind is None else f"{self.budget.kind}{self.budget.value}"
+        return re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{self.method.name}{extra}_{budget}")
+
+
+@dataclass
+class GridSpec:
+    """A grid of methods x budgets x tasks on one model.
+
+    Attributes:
+        model: HF checkpoint (folder or hub id).
+        methods: the methods (the baseline is added unless `baseline` is False).
+        keep: budgets in tokens per image; or `ratio`: fractions removed (not both).
+        tasks: lmms-eval task names (built-in or from `include_path`).
+        out: output folder (runs/, cells/, comparison.{md,csv,json}).
+        limit: documents per task (int) or fraction (float < 1); None for all.
+        batch_size: requests per forward/generate call.
+        include_path: extra task folders.
+        device, dtype, attn_implementation, prompt, max_new_tokens: plugin arguments.
+        gen_kwargs: lmms-eval `--gen_kwargs` string applied to every task.
+        metrics: primary metric per task (overrides `PRIMARY_METRICS`).
+        baseline: add `method=none`.
+        bootstrap_iters: lmms-eval bootstrap iterations for standard errors (0: none, fastest).
+        verbosity: lmms-eval log level.
+    """
+
+    model: str
+    methods: list[MethodSpec]
+    tasks: list[str]
+    keep: list[int] = field(default_factory=list)
+    ratio: list[float] = field(default_factory=list)
+    out: str = "out/eval"
+    limit: int | float | None = None
+    batch_size: int = 1
+    include_path: list[str] = field(default_factory=list)
+    device: str | None = None
+    dtype: str = "auto"
+    attn_implementation: str | None = None
+    prompt: str = "auto"
+    max_new_tokens: int | None = None
+    gen_kwargs: str | None = None
+    metrics: dict[str, str] = field(default_factory=dict)
+    baseline: bool = True
+    bootstrap_iters: int = 0
+    verbosity: str = "WARNING"
+
+    def all_methods(self) -> list[MethodSpec]:
+        """The grid's methods, the baseline first when enabled."""
+        methods = list(dict.fromkeys(self.methods))
+        if self.baseline and not any(m.name == BASELINE and not m.kwargs for m in methods):
+            methods.insert(0, MethodSpec(BASELINE))
+        return methods
+
+    def budgets(self) -> list[Budget]:
+        if self.keep and self.ratio:
+            raise ValueError("give keep budgets or ratio budgets, not both")
+        if self.keep:
+            return [Budget("keep", int(k)) for k in self.keep]
+        return [Budget("ratio", float(r)) for r in self.ratio]
+
+    def runs(self, check_methods: bool = True) -> list[RunSpec]:
+        """Every (method, budget) run; methods without a `keep`/`ratio` field run once, at `full`."""
+        budgets = self.budgets()
+        runs = []
+        for m in self.all_methods():
+            takes_budget = True
+            if check_methods or m.name == BASELINE:
+                takes_budget = bool({"keep", "ratio"} & set(method_fields(m.name)))
+            if not takes_budget:
+                runs.append(RunSpec(m, Budget()))
+                continue
+            if not budgets:
+                raise ValueError(f"method {m.name!r} needs a budget: give --keep (tokens per image) or --ratio")
+            runs.extend(RunSpec(m, b) for b in budgets)
+        return runs
+
+    def validate(self, check_methods: bool = True, require_model: bool = True) -> list[RunSpec]:
+        """Check every setting and every run's method config (no model is loaded); returns the runs.
+
+        Args:
+            check_methods: validate method names and configs against the registry.
+            require_model: a model must be set (not needed to only cache task data).
+
+        Raises:
+            ValueError: a missing model or task list, an unknown method (lists the registered ones), a bad budget.
+        """
+        if require_model and not self.model:
+            raise ValueError("no model: pass --model PATH or set model: in the run YAML")
+        if not self.tasks:
+            raise ValueError("no tasks: pass --tasks t1,t2 or set tasks: in the run YAML")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.limit is not None and self.limit <= 0:
+            raise ValueError(f"limit must be positive (documents per task, or a fraction below 1), got {self.limit}")
+        runs = self.runs(check_methods)
+        if check_methods:
+            for run in runs:
+                validate_method(run.method.name, run.method_kwargs)
+        return runs
+
+    def plugin_args(self) -> dict[str, Any]:
+        """The plugin arguments shared by every run (besides method and budget)."""
+        args: dict[str, Any] = {"batch_size": self.batch_size, "dtype": self.dtype, "prompt": self.prompt,
+                                "attn_implementation": self.attn_implementation, "device": self.device}
+        if self.max_new_tokens is not None:
+            args["max_new_tokens"] = self.max_new_tokens
+        return {k: v for k, v in args.items() if v is not None}
+
+    def fingerprint(self, run: RunSpec, task: str) -> dict[str, Any]:
+        """What a finished cell must match to be skipped on a re-run (device and batch size are left out)."""
+        return {"model": self.model, "method": run.method.name, "method_kwargs": run.method_kwargs, "task": task,
+                "limit": self.limit, "gen_kwargs": self.gen_kwargs, "dtype": self.dtype, "prompt": self.prompt,
+                "attn_implementation": self.attn_implementation, "max_new_tokens": self.max_new_tokens}
+
+
+def parse_number_list(text: str | Sequence | None, kind: type) -> list:
+    """`"64,128"` or `[64, 128]` -> `[64, 128]` (cast with `kind`)."""
+    if text is None or text == "":
+        return []
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    out = []
+    for item in items:
+        try:
+            value = kind(item.strip()) if isinstance(item, str) else kind(item)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a comma-separated list of {kind.__name__} values, got {text!r}") from None
+        out.append(value)
+    return out
+
+
+def parse_methods(value: str | Sequence | None) -> list[MethodSpec]:
+    """Methods from `"cls_topk,random:seed=1"` (flags) or a YAML list of names / `{name: random, seed: 1}` maps."""
+    if value is None or value == "":
+        return []
+    items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
+    specs = []
+    for item in items:
+        if isinstance(item, Mapping):
+            item = dict(item)
+            name = item.pop("name", None)
+            if not name:
+                raise ValueError(f"a method entry needs name:, got {item}")
+            specs.append(MethodSpec(str(name), tuple(sorted(item.items()))))
+            continue
+        name, *pairs = str(item).strip().split(":")
+        kwargs = {}
+        for pair in pairs:
+            if "=" not in pair:
+                raise ValueError(f"method arguments are name:key=value[:key=value], got {item!r}")
+            k, v = pair.split("=", 1)
+            kwargs[k.strip()] = _yaml_scalar(v.strip())
+        specs.append(MethodSpec(name.strip(), tuple(sorted(kwargs.items()))))
+    return specs
+
+
+def _yaml_scalar(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text) if text else text
+
+
+def load_grid_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a run YAML; `include_path` entries resolve against the YAML's folder."""
+    import yaml
+
+    path = Path(path)
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a run YAML is a mapping of settings, got {type(data).__name__}")  # noqa: TRY004
+    known = set(GridSpec.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+    inc = data.get("include_path") or []
+    inc = [inc] if isinstance(inc, str) else list(inc)
+    data["include_path"] = [str((path.parent / p).resolve()) if not os.path.isabs(p) else p for p in inc]
+    return data
+
+
+# -- results -> cells -> table ---------------------------------------------------------------------------------
+def primary_metric(task: str, metrics: Mapping[str, Any], overrides: Mapping[str, str] | None = None) -> str | None:
+    """The headline metric of a task: an override, `PRIMARY_METRICS`, else the first numeric metric."""
+    for source in (overrides or {}, PRIMARY_METRICS):
+        if task in source and source[task] in metrics:
+            return source[task]
+    for name, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return name
+    return None
+
+
+def _metrics_of(result: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in result.items():
+        name, _, _filter = key.partition(",")
+        if name == "alias" or name.endswith("_stderr") or name in out:
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 3) if values else None
+
+
+def _median(values: list[float]) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    mid = len(v) // 2
+    return round(v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2, 3)
+
+
+def summarize_task(results: Mapping[str, Any], samples: Mapping[str, list], task: str,
+                   overrides: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """One cell's numbers from a `simple_evaluate` output: metrics, the primary score and per-sample token stats.
+
+    Token statistics come from the `token_counts` the plugin attaches to every logged sample: visual tokens are
+    means over samples, prefill time is the median of the per-sample (batch-amortised) times, so the warm-up of the
+    first batch does not dominate short runs, and peak memory is the maximum.
+    """
+    result = results["results"].get(task, {})
+    metrics = _metrics_of(result)
+    metric = primary_metric(task, metrics, overrides)
+    members = [task] + list(results.get("group_subtasks", {}).get(task, []))
+    counts = [tc for t in members for s in samples.get(t, []) for tc in (s.get("token_counts") or []) if tc]
+    n_samples = sum(len(samples.get(t, [])) for t in members)
+    peaks = [tc["peak_memory_mb"] for tc in counts if tc.get("peak_memory_mb") is not None]
+    return {
+        "task": task, "metric": metric, "score": metrics.get(metric) if metric else None, "metrics": metrics,
+        "visual_tokens": _mean([tc["visual_tokens"] for tc in counts if "visual_tokens" in tc]),
+        "visual_tokens_before": _mean([tc["visual_tokens_before"] for tc in counts if "visual_tokens_before" in tc]),
+        "prefill_ms": _median([tc["prefill_ms"] for tc in counts if "prefill_ms" in tc]),
+        "peak_memory_mb": max(peaks) if peaks else None,
+        "n_samples": n_samples,
+    }
+
+
+def build_table(cells: list[dict[str, Any]], method_order: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Table rows (one per cell) with the retention vs the `none` baseline of the same task.
+
+    Rows are ordered by task, then method (baseline first, then `method_order`), then budget (largest first).
+    """
+    base = {c["task"]: c.get("score") for c in cells if c["method"] == BASELINE and c["budget"] == "full"}
+    order = {m: i for i, m in enumerate([BASELINE, *(method_order or [])])}
+
+    def budget_key(label: str) -> float:
+        _, _, v = label.partition("=")
+        try:
+            return -float(v) if label.startswith("keep") else float(v)
+        except ValueError:
+            return -math.inf
+
+    rows = []
+    for c in cells:
+        ref = base.get(c["task"])
+        score = c.get("score")
+        retention = round(score / ref, 4) if score is not None and ref not in (None, 0) else None
+        row = {k: c.get(k) for k in TABLE_COLUMNS}
+        row["retention"] = retention
+        rows.append(row)
+    rows.sort(key=lambda r: (r["task"], order.get(r["method"], len(order)), r["method"], budget_key(r["budget"])))
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value.is_integer():
+            return str(int(value))
+        return f"{value:.4g}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def render_markdown(rows: list[dict[str, Any]], title: str | None = None) -> str:
+    """A GitHub Markdown table of the rows."""
+    head = ["task", "metric", "method", "budget", "score", "retention", "visual tokens", "(of)", "prefill ms",
+            "peak MiB", "n"]
+    lines = [f"## {title}", ""] if title else []
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        retention = "-" if r["retention"] is None else f"{100 * r['retention']:.1f}%"
+        cells = [r["task"], r["metric"], r["method"], r["budget"], _fmt(r["score"]), retention,
+                 _fmt(r["visual_tokens"]), _fmt(r["visual_tokens_before"]), _fmt(r["prefill_ms"]),
+                 _fmt(r["peak_memory_mb"]), _fmt(r["n_samples"])]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(TABLE_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if r[k] is None else r[k]) for k in TABLE_COLUMNS})
+    return buf.getvalue()
+
+
+def write_json_atomic(path: Path, obj: Any) -> Path:
+    """Write JSON to a temp file beside `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def _write_text_atomic(path: Path, text: str) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_table(rows: list[dict[str, Any]], out_dir: Path, meta: Mapping[str, Any]) -> dict[str, Path]:
+    """Write `comparison.md`, `comparison.csv` and `comparison.json` into `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    title = f"{meta.get('model', '')}: score and retention vs method=none"
+    return {
+        "md": _write_text_atomic(out_dir / "comparison.md", render_markdown(rows, title)),
+        "csv": _write_text_atomic(out_dir / "comparison.csv", render_csv(rows)),
+        "json": write_json_atomic(out_dir / "comparison.json", {**dict(meta), "rows": rows}),
+    }
+
+
+def spec_to_dict(spec: GridSpec) -> dict[str, Any]:
+    """The grid's settings as plain data (for the comparison JSON)."""
+    d = asdict(spec)
+    d["methods"] = [m.label for m in spec.methods]
+    return d
