@@ -215,3 +215,23 @@ def test_bad_configs_raise_clearly():
         ZooPruneConfig(keep=8, directions=2.5)
     with pytest.raises(TypeError, match="linear_1 -> act -> linear_2"):
         projector_parts(nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 4)))
+
+
+def test_bf16_projector_is_differenced_in_fp32(tiny_llava):
+    """upcast: the bf16 projector's own forward on cached fp32 weight copies == an fp32 copy of the module."""
+    import copy
+
+    proj32 = copy.deepcopy(tiny_llava.model.model.multi_modal_projector).to(torch.bfloat16).float()
+    proj16 = copy.deepcopy(proj32).to(torch.bfloat16)
+    x = _features(tiny_llava.model, tiny_llava.singles[0]).to(torch.bfloat16)
+    method = ZooPrune(ZooPruneConfig(keep=4, directions=16))
+    with torch.no_grad():
+        got = method.sensitivity(proj16, x)
+        ref = zeroth_order_sensitivity(proj32, x.float(), method.directions(x.shape[1]), 0.01)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+    assert method.fp32_params(proj16) is method.fp32_params(proj16)  # cached
+    assert all(p.dtype == torch.bfloat16 for p in proj16.parameters())  # the module itself is untouched
+    raw = ZooPrune(ZooPruneConfig(keep=4, directions=16, upcast=False))
+    assert raw.fp32_params(proj16) is None
+    with torch.no_grad():
+        assert not torch.allclose(raw.sensitivity(proj16, x), ref, rtol=1e-2)  # bf16 rounding dominates

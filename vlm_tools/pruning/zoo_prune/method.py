@@ -8,7 +8,7 @@ LLaVA-NeXT are added by the core's packing and always kept. Rows are scored one 
 so a row's choice does not depend on the batch it is in. The direction bank is seeded (`seed`) and shared by all
 tokens, rows and calls. The Jacobian estimator's per-model matrix is cached inside this method object, keyed by
 the projector instance (weakly) and its weights' storage and version counters, so an in-place weight update is
-noticed.
+noticed; so are the fp32 weight copies used to difference a bf16/fp16 projector in fp32 (`upcast`).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class ZooPrune(Pruner):
     def __init__(self, config: ZooPruneConfig) -> None:
         super().__init__(config)
         self._grams: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._fp32: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._bank: torch.Tensor | None = None
 
     def check(self, adapter: ModelAdapter) -> None:
@@ -69,6 +70,21 @@ class ZooPrune(Pruner):
             self._grams[projector] = hit
         return hit[1]
 
+    def fp32_params(self, projector: nn.Module) -> dict[str, torch.Tensor] | None:
+        """fp32 copies of a reduced-precision projector's parameters (cached while they are unchanged); None when
+        the projector already is fp32/fp64 or `upcast` is off."""
+        tensors = dict(projector.named_parameters())
+        tensors.update(projector.named_buffers())
+        if not self.config.upcast or all(t.dtype in (torch.float32, torch.float64) for t in tensors.values()
+                                         if t.is_floating_point()):
+            return None
+        sig = tuple((n, t.data_ptr(), t._version) for n, t in tensors.items())
+        hit = self._fp32.get(projector)
+        if hit is None or hit[0] != sig:
+            hit = (sig, {n: (t.detach().float() if t.is_floating_point() else t) for n, t in tensors.items()})
+            self._fp32[projector] = hit
+        return hit[1]
+
     def sensitivity(self, projector: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """`(T,)` raw (not normalised) sensitivities of the tokens `x` `(T, d)` with the configured estimator."""
         cfg = self.config
@@ -76,7 +92,8 @@ class ZooPrune(Pruner):
             if cfg.estimator == "jacobian":
                 l1, act, _ = projector_parts(projector)
                 return jacobian_sensitivity(x, l1, act, self.gram(projector))
-            return zeroth_order_sensitivity(projector, x, self.directions(x.shape[-1]), cfg.step, cfg.max_rows)
+            return zeroth_order_sensitivity(projector, x, self.directions(x.shape[-1]), cfg.step, cfg.max_rows,
+                                            params=self.fp32_params(projector))
 
     # -- selection -------------------------------------------------------------------------------------------
     def select(self, features: torch.Tensor, ctx: CallContext, adapter: ModelAdapter) -> list[torch.Tensor]:

@@ -53,23 +53,34 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def zeroth_order_sensitivity(projector: nn.Module, x: torch.Tensor, directions: torch.Tensor, step: float,
-                             max_rows: int = 16384) -> torch.Tensor:
+                             max_rows: int = 16384, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """`S_i = mean_j ||(M(x_i + h u_j) - M(x_i - h u_j)) / 2h||` through the real projector.
 
     Args:
-        projector: the model's projector (called on `(rows, d)` inputs in its own dtype).
+        projector: the model's projector (its own `forward` is called on `(rows, d)` inputs).
         x: `(T, d)` feature-layer tokens.
         directions: `(m, d)` unit directions, shared by all tokens.
         step: h.
         max_rows: most perturbed rows per projector call (tokens are processed in chunks of `max_rows // 2m`).
+        params: fp32 copies of the projector's parameters and buffers; when given, the projector's forward runs
+            on them through `torch.func.functional_call` in fp32 (for bf16/fp16 models, whose rounding is
+            comparable to `h`); else it runs on its own parameters in their dtype.
 
     Returns:
-        `(T,)` fp32 sensitivities.
+        `(T,)` fp32 (fp64 for fp64 projectors) sensitivities.
     """
     p = _param(projector)
     t, d = x.shape
     m = directions.shape[0]
     work = _work_dtype(p.dtype)
+    if params is not None:
+        work = _work_dtype(next(iter(params.values())).dtype)
+
+        def run(inp):
+            return torch.func.functional_call(projector, params, (inp,))
+    else:
+        def run(inp):
+            return projector(inp.to(p.dtype))
     u = directions.to(device=x.device, dtype=work)
     chunk = max(1, max_rows // (2 * m))
     out = []
@@ -77,7 +88,7 @@ def zeroth_order_sensitivity(projector: nn.Module, x: torch.Tensor, directions: 
         xc = x[i:i + chunk].to(work)
         plus = (xc[:, None, :] + step * u[None]).reshape(-1, d)
         minus = (xc[:, None, :] - step * u[None]).reshape(-1, d)
-        y = projector(torch.cat([plus, minus]).to(p.dtype)).to(work)
+        y = run(torch.cat([plus, minus])).to(work)
         n = plus.shape[0]
         diff = (y[:n] - y[n:]) / (2.0 * step)
         out.append(diff.view(-1, m, diff.shape[-1]).norm(dim=-1).mean(dim=1))
