@@ -93,7 +93,8 @@ def test_table_retention_and_formats(tmp_path):
     assert [(r["method"], r["budget"]) for r in rows] == [("none", "full"), ("cls_topk", "keep=128"),
                                                           ("cls_topk", "keep=64")]
     assert rows[0]["retention"] == 1.0 and rows[2]["retention"] == pytest.approx(0.8 / 0.85, abs=1e-4)
-    assert "| pope | pope_f1_score | cls_topk | keep=64 | 0.8 | 94.1% | 64 | 576 | 10 | 100 | 4 |" in render_markdown(rows)
+    md = render_markdown(rows)
+    assert "| pope | pope_f1_score | cls_topk | keep=64 | 0.8 | 94.1% | 64 | 576 | 10 | 100 | 4 |" in md
     paths = write_table(rows, tmp_path, {"model": "m"})
     assert len(list(csv.DictReader(paths["csv"].open()))) == 3
     assert json.loads(paths["json"].read_text())["rows"][0]["method"] == "none"
@@ -117,7 +118,8 @@ def test_eval_grid_writes_table_and_rerun_skips(eval_fixture, tmp_path, monkeypa
     assert [(r["method"], r["budget"]) for r in table] == [
         ("none", "full"), ("random", "keep=16"), ("random", "keep=8"), ("cls_topk", "keep=16"), ("cls_topk", "keep=8")]
     tokens = {(r["method"], r["budget"]): r["visual_tokens"] for r in table}
-    assert tokens[("none", "full")] == 64 and tokens[("random", "keep=8")] == 8 and tokens[("cls_topk", "keep=16")] == 16
+    assert tokens[("none", "full")] == 64 and tokens[("random", "keep=8")] == 8
+    assert tokens[("cls_topk", "keep=16")] == 16
     assert all(r["n_samples"] == 4 and r["metric"] == "exact_match" and r["prefill_ms"] > 0 for r in table)
     assert table[0]["retention"] in (1.0, None)  # None only when the baseline scored 0
     md = (out / "comparison.md").read_text()
@@ -177,15 +179,20 @@ def test_cache_data_on_a_local_task(eval_fixture, capsys):
     assert rc == 0 and f"data of task '{eval_fixture.gen_task}' is cached" in capsys.readouterr().err
 
 
-def test_shipped_local_tasks_load_offline():
-    """eval_configs/tasks: unique names, data beside the YAML (resolved relative to it), 8 documents with images."""
+def test_shipped_local_benchmarks_load_offline():
+    """eval_configs/tasks: shapes_vqa / photos_yesno through the asset task class, documents with images."""
     from lmms_eval.tasks import TaskManager, get_task_dict
 
     spec = spec_from_args(_args("--config", str(REPO / "eval_configs" / "grids" / "default_local.yaml")))
     assert spec.validate() and spec.include_path == [str(REPO / "eval_configs" / "tasks")]
     tm = TaskManager("WARNING", include_path=spec.include_path, include_defaults=False)
-    tasks = get_task_dict(spec.tasks, tm)
-    for name in spec.tasks:
-        docs = tasks[name].test_docs()
-        assert len(docs) == 8 and tasks[name].doc_to_visual(docs[0])[0].mode == "RGB"
-    assert tasks["vlmt_photos_ll"].OUTPUT_TYPE == "loglikelihood"
+    assert {"shapes_vqa", "shapes_vqa_1000", "photos_yesno", "photos_yesno_ll"} <= set(tm.all_tasks)
+    assert all(tm.task_index[t]["type"] == "python_task" for t in ("shapes_vqa", "photos_yesno"))
+    tasks = get_task_dict(["photos_yesno", "photos_yesno_ll"], tm)
+    spec_file = REPO / "eval_configs" / "data" / "photos_yesno" / "questions.json"
+    n_questions = len(json.loads(spec_file.read_text())["questions"])
+    for task in tasks.values():
+        docs = task.test_docs()
+        assert len(docs) == n_questions and task.doc_to_visual(docs[0])[0].mode == "RGB"
+        assert task.doc_to_text(docs[0]).startswith("Question: ") and task.doc_to_target(docs[0]) in ("yes", "no")
+    assert tasks["photos_yesno_ll"].OUTPUT_TYPE == "loglikelihood"

@@ -111,7 +111,8 @@ def test_model_args_cast_to_field_types():
     assert (args.batch_size, args.dtype, args.use_cache) == (4, "bfloat16", False)
     assert validate_method("cls_topk", {"ratio": "0.75"}) == {"ratio": 0.75}
     assert cast_value("none", int | None) is None and cast_value("1;2", tuple[int, ...]) == (1, 2)
-    assert format_model_args({"pretrained": "p", "keep": 64, "x": None, "flag": True}) == "pretrained=p,keep=64,flag=true"
+    text = format_model_args({"pretrained": "p", "keep": 64, "x": None, "flag": True})
+    assert text == "pretrained=p,keep=64,flag=true"
 
 
 def test_bad_args_fail_before_any_model_loads(monkeypatch):
@@ -258,6 +259,9 @@ def test_chat_template_prompts(eval_fixture):
         values[bs] = [r.text[0] for r in lm.loglikelihood(reqs)]
         lm.wrapped.unwrap()
     assert values[1] == pytest.approx(values[2], abs=1e-4)
+    lm = VlmToolsModel(model=model, processor=processor, method="none", assistant_prefix="answer :")
+    assert lm.build_prompt("what is it ?", 1) == "USER : <image>\nwhat is it ?\nASSISTANT : answer :"
+    lm.wrapped.unwrap()
     with pytest.raises(ValueError, match="no chat template"):
         VlmToolsModel(model=model, processor=AutoProcessor.from_pretrained(eval_fixture.checkpoint), prompt="chat")
 

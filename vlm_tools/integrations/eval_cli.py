@@ -49,6 +49,7 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--attn-implementation", help="sdpa, eager or flash_attention_2")
     p.add_argument("--prompt", choices=["auto", "chat", "plain"], help="prompt format (default auto)")
     p.add_argument("--max-new-tokens", type=int, help="generation length for tasks that set none")
+    p.add_argument("--assistant-prefix", help="text after every prompt that the answer continues (e.g. 'Answer:')")
     p.add_argument("--gen-kwargs", help="lmms-eval --gen_kwargs string applied to every task")
     p.add_argument("--no-baseline", action="store_true", help="do not add the method=none reference")
     p.add_argument("--bootstrap-iters", type=int, help="bootstrap iterations for standard errors (default 0)")
@@ -67,7 +68,8 @@ def spec_from_args(args: argparse.Namespace):
     flags = {"model": args.model, "methods": args.methods, "keep": args.keep, "ratio": args.ratio,
              "tasks": args.tasks, "limit": args.limit, "batch_size": args.batch_size, "out": args.out,
              "device": args.device, "dtype": args.dtype, "attn_implementation": args.attn_implementation,
-             "prompt": args.prompt, "max_new_tokens": args.max_new_tokens, "gen_kwargs": args.gen_kwargs,
+             "prompt": args.prompt, "assistant_prefix": args.assistant_prefix, "max_new_tokens": args.max_new_tokens,
+             "gen_kwargs": args.gen_kwargs,
              "bootstrap_iters": args.bootstrap_iters, "verbosity": args.verbosity}
     for key, value in flags.items():
         if value is not None:
@@ -77,7 +79,8 @@ def spec_from_args(args: argparse.Namespace):
     if args.ratio is not None:
         data.pop("keep", None)
     if args.include_path:
-        data["include_path"] = list(data.get("include_path") or []) + [str(Path(p).resolve()) for p in args.include_path]
+        extra = [str(Path(p).resolve()) for p in args.include_path]
+        data["include_path"] = list(data.get("include_path") or []) + extra
     if args.no_baseline:
         data["baseline"] = False
     limit = data.get("limit")
@@ -299,7 +302,8 @@ def _evaluate(spec, plan: list, task_manager: Any, out: Path, dist: Any, stream:
         bar.set_postfix_str(f"{run.method.label} {run.budget.label}: {','.join(tasks)}")
         model_args = format_model_args({"pretrained": spec.model, "method": run.method.name, **run.method_kwargs,
                                         **{k: v for k, v in shared.items() if k != "device"}})
-        lm = VlmToolsModel(model=model, processor=processor, method=run.method.name, **shared, **run.method_kwargs)
+        lm = VlmToolsModel(pretrained=spec.model, model=model, processor=processor, method=run.method.name, **shared,
+                           **run.method_kwargs)
         start = time.perf_counter()
         try:
             results = simple_evaluate(model=lm, model_args=model_args, tasks=tasks, task_manager=task_manager,

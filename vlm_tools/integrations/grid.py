@@ -128,7 +128,7 @@ class GridSpec:
         limit: documents per task (int) or fraction (float < 1); None for all.
         batch_size: requests per forward/generate call.
         include_path: extra task folders.
-        device, dtype, attn_implementation, prompt, max_new_tokens: plugin arguments.
+        device, dtype, attn_implementation, prompt, assistant_prefix, max_new_tokens: plugin arguments.
         gen_kwargs: lmms-eval `--gen_kwargs` string applied to every task.
         metrics: primary metric per task (overrides `PRIMARY_METRICS`).
         baseline: add `method=none`.
@@ -149,6 +149,7 @@ class GridSpec:
     dtype: str = "auto"
     attn_implementation: str | None = None
     prompt: str = "auto"
+    assistant_prefix: str | None = None
     max_new_tokens: int | None = None
     gen_kwargs: str | None = None
     metrics: dict[str, str] = field(default_factory=dict)
@@ -213,7 +214,8 @@ class GridSpec:
     def plugin_args(self) -> dict[str, Any]:
         """The plugin arguments shared by every run (besides method and budget)."""
         args: dict[str, Any] = {"batch_size": self.batch_size, "dtype": self.dtype, "prompt": self.prompt,
-                                "attn_implementation": self.attn_implementation, "device": self.device}
+                                "attn_implementation": self.attn_implementation, "device": self.device,
+                                "assistant_prefix": self.assistant_prefix}
         if self.max_new_tokens is not None:
             args["max_new_tokens"] = self.max_new_tokens
         return {k: v for k, v in args.items() if v is not None}
@@ -222,7 +224,8 @@ class GridSpec:
         """What a finished cell must match to be skipped on a re-run (device and batch size are left out)."""
         return {"model": self.model, "method": run.method.name, "method_kwargs": run.method_kwargs, "task": task,
                 "limit": self.limit, "gen_kwargs": self.gen_kwargs, "dtype": self.dtype, "prompt": self.prompt,
-                "attn_implementation": self.attn_implementation, "max_new_tokens": self.max_new_tokens}
+                "attn_implementation": self.attn_implementation, "max_new_tokens": self.max_new_tokens,
+                "assistant_prefix": self.assistant_prefix}
 
 
 def parse_number_list(text: str | Sequence | None, kind: type) -> list:

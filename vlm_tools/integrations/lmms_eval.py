@@ -193,14 +193,15 @@ class VlmToolsModel(lmms):
     def __init__(self, pretrained: str | None = None, method: str = "none", batch_size: int | str = 1,
                  device: str | None = None, dtype: str = "auto", attn_implementation: str | None = None,
                  max_new_tokens: int = 256, prompt: str = "auto", use_cache: bool = True,
-                 max_batch_size: int | None = None, model: torch.nn.Module | None = None, processor: Any = None,
-                 **method_kwargs: Any) -> None:
+                 max_batch_size: int | None = None, assistant_prefix: str | None = None,
+                 model: torch.nn.Module | None = None, processor: Any = None, **method_kwargs: Any) -> None:
         super().__init__()
         # validate everything before touching the checkpoint
         args = parse_model_args({"pretrained": pretrained, "method": method, "batch_size": batch_size,
                                  "device": device, "dtype": dtype, "attn_implementation": attn_implementation,
                                  "max_new_tokens": max_new_tokens, "prompt": prompt, "use_cache": use_cache,
-                                 **method_kwargs}, require_pretrained=model is None)
+                                 "assistant_prefix": assistant_prefix, **method_kwargs},
+                                require_pretrained=model is None)
         if (model is None) != (processor is None):
             raise ValueError("pass both model= and processor= (a loaded model), or pretrained=PATH")
         dist = DistInfo.from_env()
@@ -229,6 +230,12 @@ class VlmToolsModel(lmms):
         if mode == "chat" and not has_template:
             raise ValueError("prompt=chat was requested but the processor has no chat template; use prompt=plain")
         self.use_chat = mode == "chat" or (mode == "auto" and has_template)
+        prefix = self.args.assistant_prefix
+        if prefix is None and self.args.pretrained == "default":
+            from vlm_tools.assets.default_model import ANSWER_PREFIX
+
+            prefix = ANSWER_PREFIX
+        self.assistant_prefix = prefix or ""
         self.memory = PeakMemory(self._device)
         self.wrapped = wrap(model, self.args.method, **self.args.method_kwargs)
 
@@ -259,7 +266,11 @@ class VlmToolsModel(lmms):
 
     # -- prompts and inputs --------------------------------------------------------------------------------------
     def build_prompt(self, context: str, n_images: int) -> str:
-        """The model prompt for a task context with `n_images` images (chat template, or `<image>\\n{context}`)."""
+        """The model prompt for a task context with `n_images` images (chat template, or `<image>\\n{context}`),
+        followed by `assistant_prefix` when one is set."""
+        return join_continuation(self._base_prompt(context, n_images), self.assistant_prefix)
+
+    def _base_prompt(self, context: str, n_images: int) -> str:
         present = context.count(self.image_token)
         if present and present != n_images:
             raise ValueError(f"the task context holds {present} {self.image_token} tokens but the document has "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import string
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,9 +49,11 @@ LOCAL_BUILDERS = frozenset({"csv", "json", "parquet", "text", "pandas", "arrow",
 
 # -- task functions (referenced from YAML) ---------------------------------------------------------------------
 def doc_to_visual(doc: dict) -> list:
-    """The document's image(s) as RGB PIL images (`image` column: one image or a list)."""
+    """The document's image(s) as RGB PIL images (`image` column: PIL images or file paths, one or a list)."""
+    from PIL import Image
+
     images = doc["image"] if isinstance(doc["image"], list) else [doc["image"]]
-    return [im.convert("RGB") for im in images]
+    return [(Image.open(im) if isinstance(im, str) else im).convert("RGB") for im in images]
 
 
 def doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str:
@@ -59,14 +62,15 @@ def doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str
     return f"{kw.get('pre_prompt', '')}{doc['question']}{kw.get('post_prompt', '')}"
 
 
-def _normalise(text: str) -> str:
-    return " ".join(text.lower().replace(".", " ").replace(",", " ").split())
+def first_word(text: str) -> str:
+    """The first word, lower-cased, without surrounding punctuation (the project's short-answer VQA rule)."""
+    words = text.strip().split()
+    return words[0].strip(string.punctuation).lower() if words else ""
 
 
 def process_generation(doc: dict, results: list[str]) -> dict[str, float]:
-    """`exact_match`: the normalised answer equals the target, or starts with it as a word (`"yes it is"`)."""
-    pred, gold = _normalise(results[0]), _normalise(str(doc["answer"]))
-    return {"exact_match": float(pred == gold or pred.split(" ")[:1] == [gold])}
+    """`exact_match`: the first word of the answer equals the (one-word) target, case and punctuation ignored."""
+    return {"exact_match": float(first_word(results[0]) == str(doc["answer"]).strip().lower())}
 
 
 def process_loglikelihood(doc: dict, results: list[tuple[float, bool]]) -> dict[str, float]:

@@ -45,6 +45,8 @@ PLUGIN_ARGS: dict[str, str] = {
     "max_new_tokens": "generation length when the task sets none (default 256)",
     "prompt": "auto (chat template when the processor has one, else '<image>\\n{question}'), chat or plain",
     "use_cache": "KV cache during generation (default true)",
+    "assistant_prefix": "text after the prompt that the answer continues (default none; `Answer:` for the default "
+                        "model)",
 }
 
 DTYPES: dict[str, str] = {"auto": "auto", "float32": "float32", "fp32": "float32", "float": "float32",
@@ -69,6 +71,7 @@ class PluginArgs:
         max_new_tokens: default generation length.
         prompt: prompt mode ("auto", "chat", "plain").
         use_cache: KV cache during generation.
+        assistant_prefix: text appended to every prompt (the answer continues it), or None for the model's default.
     """
 
     pretrained: str | None
@@ -81,6 +84,7 @@ class PluginArgs:
     max_new_tokens: int = 256
     prompt: str = "auto"
     use_cache: bool = True
+    assistant_prefix: str | None = None
 
 
 @dataclass(frozen=True)
@@ -233,8 +237,8 @@ def validate_method(method: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(kwargs) - set(fields_))
     if unknown:
         valid = ", ".join(sorted(fields_)) or "(none: it takes no arguments)"
-        raise ValueError(f"unknown model_args {', '.join(unknown)} for method {method!r}; the method's fields: {valid}; "
-                         f"plugin arguments: {', '.join(PLUGIN_ARGS)}")
+        raise ValueError(f"unknown model_args {', '.join(unknown)} for method {method!r}; the method's fields: "
+                         f"{valid}; plugin arguments: {', '.join(PLUGIN_ARGS)}")
     cast = {k: cast_value(v, fields_[k], k) for k, v in kwargs.items()}
     config_cls = get_method(method).config_cls
     try:
@@ -264,7 +268,8 @@ def parse_model_args(args: Mapping[str, Any], require_pretrained: bool = True) -
     try:
         batch_size = int(own.get("batch_size", 1))
     except (TypeError, ValueError):
-        raise ValueError(f"batch_size must be a positive int (auto is not supported), got {own['batch_size']!r}") from None
+        raise ValueError(f"batch_size must be a positive int (auto is not supported), "
+                         f"got {own['batch_size']!r}") from None
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size}")
     dtype = str(own.get("dtype", "auto")).lower().replace("torch.", "")
@@ -280,10 +285,12 @@ def parse_model_args(args: Mapping[str, Any], require_pretrained: bool = True) -
     if max_new < 1:
         raise ValueError(f"max_new_tokens must be positive, got {max_new}")
     attn = own.get("attn_implementation")
+    prefix = own.get("assistant_prefix")
     return PluginArgs(pretrained=str(pretrained) if pretrained else None, method=method, method_kwargs=method_kwargs,
                       batch_size=batch_size, device=str(device).lower() if device else None, dtype=DTYPES[dtype],
                       attn_implementation=str(attn) if attn else None, max_new_tokens=max_new, prompt=prompt,
-                      use_cache=cast_value(own.get("use_cache", True), bool, "use_cache"))
+                      use_cache=cast_value(own.get("use_cache", True), bool, "use_cache"),
+                      assistant_prefix=str(prefix) if prefix is not None else None)
 
 
 def format_model_args(values: Mapping[str, Any]) -> str:
