@@ -221,17 +221,26 @@ def test_loglikelihood_left_padded_batch_matches_single_unpadded_runs(eval_fixtu
     lm.clean()
 
 
-def test_generate_batched_equals_single(eval_fixture):
-    reqs = [_Req(c, {"max_new_tokens": 3, "until": ["\n"], "temperature": 0}, lambda d: [d["image"]], i, "t", "test")
-            for i, c in enumerate(CONTEXTS)]
-    texts = {}
-    for bs in (1, 3):
-        lm = _plugin(eval_fixture, "cls_topk", batch_size=bs, keep=KEEP)
-        out = lm.generate_until(reqs)
-        texts[bs] = [r.text for r in out]
-        assert all(r.token_counts.visual_tokens == KEEP and 1 <= r.token_counts.output_tokens <= 3 for r in out)
-        lm.clean()
-    assert texts[1] == texts[3]
+def test_llava_next_batches_with_different_image_token_counts():
+    """LLaVA-NeXT: images of different aspect ratios give different visual-token counts, so the shrunk rows are
+    re-padded; batched loglikelihood and generation still equal the one-by-one results."""
+    from vlm_tools.core.models import build_tiny_llava
+    from vlm_tools.integrations.lmms_eval import VlmToolsModel
+    from vlm_tools.testing import make_images
+
+    model, processor = build_tiny_llava("llava_next")
+    gen = [_Req(c, {"max_new_tokens": 3}, lambda d: [d["image"]], i, "t", "test") for i, c in enumerate(CONTEXTS[:2])]
+    results = {}
+    for bs in (1, 2):
+        lm = VlmToolsModel(model=model, processor=processor, method="cls_topk", keep=24, batch_size=bs)
+        lm.task_dict = {"t": {"test": [{"image": im} for im in make_images()]}}
+        ll = lm.loglikelihood(_ll_requests()[:2])
+        results[bs] = ([r.text[0] for r in ll], [r.text for r in lm.generate_until(gen)])
+        before = [r.token_counts.visual_tokens_before for r in ll]
+        after = [r.token_counts.visual_tokens for r in ll]
+        assert before[0] != before[1] and all(a < b for a, b in zip(after, before))
+        lm.wrapped.unwrap()
+    assert results[1][0] == pytest.approx(results[2][0], abs=1e-4) and results[1][1] == results[2][1]
 
 
 CHAT_TEMPLATE = ("{%- for m in messages -%}{{ m['role'].upper() + ' : ' }}{%- for c in m['content'] -%}"
