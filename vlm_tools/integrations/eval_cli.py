@@ -234,9 +234,9 @@ def run_grid(spec, *, force: bool = False, cache_data: bool = False, task_manage
     include = list(dict.fromkeys([*spec.include_path, *default_include_paths()]))
     tm = task_manager if task_manager is not None else _task_manager(spec, include)
     _check_tasks_known(tm, spec.tasks)
+    check_task_data(tm, spec.tasks)  # cached, or downloadable (Hub reachable, token present when required)
     if cache_data:
         return _cache_data(spec, tm, dist, stream)
-    check_task_data(tm, spec.tasks)
 
     plan = _broadcast_plan(pending_cells(spec, runs, out, force), dist)
     todo = {(r.run_id, t) for r, tasks in plan for t in tasks}
