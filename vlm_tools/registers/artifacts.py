@@ -223,20 +223,23 @@ def summarize(measures: Sequence[ArtifactMeasures]) -> dict:
 _VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float32)
 
 
-def norm_map_image(values: np.ndarray, vmax: float, scale: int, outliers: np.ndarray | None = None):
-    """Render a ``(gh, gw)`` map as an RGB ``PIL.Image`` (viridis-like, 0..vmax), outliers outlined in red."""
+def norm_map_image(values: np.ndarray, vmax: float, scale: int, outliers: np.ndarray | None = None,
+                   vmin: float = 0.0):
+    """Render a ``(gh, gw)`` map as an RGB ``PIL.Image`` (viridis-like, vmin..vmax), outliers outlined in red."""
     from PIL import Image
 
-    v = np.clip(values / max(vmax, 1e-12), 0.0, 1.0) * (len(_VIRIDIS) - 1)
+    v = np.clip((values - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0) * (len(_VIRIDIS) - 1)
     lo = np.floor(v).astype(int).clip(0, len(_VIRIDIS) - 2)
     frac = (v - lo)[..., None]
     rgb = (_VIRIDIS[lo] * (1 - frac) + _VIRIDIS[lo + 1] * frac).astype(np.uint8)
     big = np.kron(rgb, np.ones((scale, scale, 1), dtype=np.uint8))
     if outliers is not None and scale >= 3:
+        t = max(1, scale // 10)
         for r, c in zip(*np.nonzero(outliers)):
             y, x = r * scale, c * scale
-            big[y, x: x + scale] = big[y + scale - 1, x: x + scale] = (255, 0, 0)
-            big[y: y + scale, x] = big[y: y + scale, x + scale - 1] = (255, 0, 0)
+            for band in (np.s_[y: y + t, x: x + scale], np.s_[y + scale - t: y + scale, x: x + scale],
+                         np.s_[y: y + scale, x: x + t], np.s_[y: y + scale, x + scale - t: x + scale]):
+                big[band] = (255, 0, 0)
     return Image.fromarray(big)
 
 
@@ -278,7 +281,8 @@ def artifact_report(models: Mapping[str, nn.Module], images: str | os.PathLike |
     """Measure several models (e.g. teacher and student) side by side on the same images.
 
     Writes ``report.json`` (settings, per-model aggregates, per-image values) and, with ``maps``, one PNG per image:
-    the input crop and each model's norm map on a shared colour scale, outliers outlined in red.
+    the input crop and each model's norm map on a shared colour scale (min to max over the models, labelled with each
+    map's maximum), outliers outlined in red.
 
     Args:
         models: Display name to model (supported ViTs or register students sharing patch size and normalisation).
@@ -340,10 +344,11 @@ def artifact_report(models: Mapping[str, nn.Module], images: str | os.PathLike |
                 gh, gw = results[next(iter(results))].norms.shape[1:]
                 scale = max(4, 224 // max(gh, gw))
                 vmax = max(float(m.norms[j].max()) for m in results.values())
+                vmin = min(float(m.norms[j].min()) for m in results.values())
                 inp = Image.fromarray(_denormalise(batch[j], first.mean, first.std)).resize((gw * scale, gh * scale))
                 tiles = [("input", inp)] + [
                     (f"{name} max {float(m.norms[j].max()):.1f}",
-                     norm_map_image(m.norms[j].numpy(), vmax, scale, m.outliers[j].numpy()))
+                     norm_map_image(m.norms[j].numpy(), vmax, scale, m.outliers[j].numpy(), vmin))
                     for name, m in results.items()]
                 fig = out / f"norms_{i:03d}_{files[i].stem}.png"
                 _labelled_row(tiles).save(fig)

@@ -11,6 +11,7 @@ after each epoch, floor ``lr_min``). Devices through ``accelerate`` (bf16 autoca
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -434,7 +435,14 @@ def _prune_checkpoints(folder: Path, keep: int) -> None:
 def _trim_log(log_path: Path, step: int) -> None:
     if not log_path.is_file():
         return
-    kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    kept = []
+    for ln in log_path.read_text().splitlines():
+        try:
+            rec = json.loads(ln)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if isinstance(rec, dict) and rec.get("step", 0) <= step:
+            kept.append(ln)
     fd, tmp = tempfile.mkstemp(dir=log_path.parent, prefix=f".{log_path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write("".join(ln + "\n" for ln in kept))
@@ -473,7 +481,8 @@ def run_distillation(cfg: DistillConfig, *, teacher: nn.Module | None = None,
 
     Args:
         cfg: The job settings.
-        teacher: An already-built teacher (default: :func:`load_backbone` of ``cfg``); it is never modified.
+        teacher: An already-built teacher (default: :func:`load_backbone` of ``cfg``). It is put in eval mode and
+            moved to the job's device; its parameters are never changed (the student is a copy).
         resume: ``True`` resumes from the latest checkpoint in ``cfg.out``; a path resumes from that file.
         progress: Show a tqdm progress bar (main process only).
         step_callback: Called as ``step_callback(step, loss)`` after every step (and after its checkpoint).
@@ -516,7 +525,8 @@ def run_distillation(cfg: DistillConfig, *, teacher: nn.Module | None = None,
     job["unlock"] = list(cfg.unlock)
     job["image_size"] = size
     job["mixed_precision"] = _mixed_precision(cfg)
-    job["images_fingerprint"] = source.fingerprint()
+    job["images_fingerprint"] = hashlib.sha256("\n".join(source.fingerprint()).encode()).hexdigest()
+    job["num_images"] = n_images
     job["num_processes"] = acc.num_processes
     job = json.loads(json.dumps(job, sort_keys=True))
 
