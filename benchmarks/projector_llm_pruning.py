@@ -139,8 +139,14 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def rank_agreement(projector, x: torch.Tensor, m: int = 64, seed: int = 0) -> dict[str, float]:
     """Spearman between the Jacobian score, the zeroth-order score (m directions) and ||M(x)||."""
-    from vlm_tools.pruning.zoo_prune.scores import (jacobian_gram, jacobian_sensitivity, projected_norm,
-                                                    projector_parts, random_directions, zeroth_order_sensitivity)
+    from vlm_tools.pruning.zoo_prune.scores import (
+        jacobian_gram,
+        jacobian_sensitivity,
+        projected_norm,
+        projector_parts,
+        random_directions,
+        zeroth_order_sensitivity,
+    )
 
     l1, act, l2 = projector_parts(projector)
     with torch.no_grad():

@@ -72,9 +72,9 @@ def main() -> None:
     ap.add_argument("--untrained", action="store_true", help="random projector (pipeline smoke test only)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    import vlm_tools
     from PIL import Image
 
+    import vlm_tools
     from vlm_tools.assets.data import load_shapes_vqa
     from vlm_tools.assets.default_model import format_prompt
     from vlm_tools.pruning.dominance import dominance
