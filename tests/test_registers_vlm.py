@@ -128,3 +128,29 @@ def test_bad_exports_raise_clear_errors(case, tmp_path):
     with pytest.raises(st.StudentFormatError, match="does not fit"):
         vlm_tools.wrap(tiny.model, "registers", student=str(tmp_path / "timm"))
     assert find_hooks(tiny.model) == [] and hook_snapshot(tiny.model) == snap
+
+
+def test_distill_the_tower_of_a_saved_llava_then_wrap(tmp_path):
+    """End to end: `hf:<llava folder>` loads only its tower; distil at LLaVA's feature block; wrap with the export."""
+    from PIL import Image
+
+    from vlm_tools.registers import distill
+
+    tiny = TinyCase("llava", "dinov2")
+    tiny.model.save_pretrained(str(tmp_path / "llava"))
+    tower = distill.load_backbone(f"hf:{tmp_path / 'llava'}")
+    ref = get_adapter(tiny.model).vision_tower.state_dict()
+    assert tower.state_dict().keys() == ref.keys()
+    assert all(torch.equal(v, ref[k]) for k, v in tower.state_dict().items())
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(images / f"{i}.png")
+    ad = get_adapter(tiny.model)
+    cfg = distill.DistillConfig(backbone=f"hf:{tmp_path / 'llava'}", images=str(images), out=str(tmp_path / "run"),
+                                batch_size=2, n_views=2, num_registers=2, max_steps=2, target_block=ad.feature_block,
+                                checkpoint_every=2)
+    summary = distill.run_distillation(cfg, progress=False)
+    with vlm_tools.attached(tiny.model, "registers", student=summary.student_dir) as wrapped, torch.no_grad():
+        out = wrapped(**tiny.singles[0]).logits
+    assert torch.isfinite(out).all()

@@ -30,7 +30,7 @@ def _groups(text: str) -> tuple[str, ...]:
 
 
 def _add_backbone_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", required=True, help="timm:<model name> or hf:<local Dinov2/CLIP vision folder>")
+    p.add_argument("--backbone", required=True, help="timm:<model name>, or hf:<local folder> of a Dinov2/CLIP vision model or of a LLaVA (its tower)")
     p.add_argument("--weights", help="timm weights file or folder (model hubs are not used)")
     p.add_argument("--model-kwargs", type=_json_dict, default={}, help="extra timm.create_model arguments as JSON")
     p.add_argument("--image-size", type=int, help="input side in pixels (default: the model's native size)")

@@ -67,7 +67,8 @@ class DistillConfig:
     """Settings of a distillation job (CLI flags map one to one).
 
     Attributes:
-        backbone: ``timm:<model name>`` or ``hf:<local folder>`` (HF ``Dinov2Model`` / ``CLIPVisionModel``).
+        backbone: ``timm:<model name>`` or ``hf:<local folder>`` (HF ``Dinov2Model`` / ``CLIPVisionModel``, or the
+            vision tower of a LLaVA / LLaVA-NeXT checkpoint folder).
         out: Output folder (checkpoints, log, exported student).
         images: Image folder (any tree of jpg/png); exclusive with ``dataset``.
         dataset: Local dataset: a ``.txt`` list of images or a ``datasets.save_to_disk`` folder.
@@ -254,7 +255,8 @@ def load_backbone(backbone: str, weights: str | None = None, model_kwargs: Mappi
 
     Args:
         backbone: ``timm:<name>`` (``timm.create_model``; random init unless ``weights``) or ``hf:<folder>``
-            (``Dinov2Model`` / ``CLIPVisionModel`` ``from_pretrained`` of a local folder).
+            (``Dinov2Model`` / ``CLIPVisionModel`` ``from_pretrained`` of a local folder, or the vision tower
+            of a local LLaVA / LLaVA-NeXT checkpoint).
         weights: timm only: a weights file, or a folder holding one (``model.safetensors``, ``pytorch_model.bin``).
         model_kwargs: timm only: extra ``create_model`` arguments (e.g. ``img_size``, ``dynamic_img_size``).
 
@@ -290,9 +292,29 @@ def load_backbone(backbone: str, weights: str | None = None, model_kwargs: Mappi
             return Dinov2Model.from_pretrained(str(folder)).eval()
         if cfg.model_type in ("clip_vision_model", "clip"):
             return CLIPVisionModel.from_pretrained(str(folder)).eval()
+        if cfg.model_type in ("llava", "llava_next"):
+            return _load_llava_tower(folder, cfg)
         raise ValueError(f"unsupported HF model type {cfg.model_type!r} in {folder}; supported: dinov2, "
-                         "clip_vision_model, clip")
+                         "clip_vision_model, clip, and the vision tower of llava / llava_next")
     raise ValueError(f"backbone must start with 'timm:' or 'hf:', got {backbone!r}")
+
+
+def _load_llava_tower(folder: Path, cfg: Any) -> nn.Module:
+    """The vision tower of a local LLaVA / LLaVA-NeXT checkpoint, in fp32.
+
+    The whole model is loaded through transformers (so its checkpoint key conversions apply) in the checkpoint's own
+    dtype, and everything but the tower is released: this needs the memory of the full checkpoint once.
+    """
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    if cfg.vision_config.model_type not in ("dinov2", "clip_vision_model"):
+        raise ValueError(f"{folder}: unsupported vision tower {cfg.vision_config.model_type!r}; supported: dinov2, "
+                         "clip_vision_model")
+    cls = LlavaForConditionalGeneration if cfg.model_type == "llava" else LlavaNextForConditionalGeneration
+    full = cls.from_pretrained(str(folder), dtype="auto")
+    tower = full.model.vision_tower
+    del full
+    return tower.float().eval()
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints
