@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vlm_tools
-from vlm_tools.testing import TinyCase
+from vlm_tools.testing import PROMPTS, TinyCase, make_images
 
 
 @pytest.mark.parametrize("vision", ["clip", "dinov2"])
@@ -57,7 +57,6 @@ def test_random_is_seeded_and_batch_invariant(tiny_llava):
 def test_save_and_load_through_from_pretrained(tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from vlm_tools.testing import PROMPTS, make_images
     from vlm_tools.core.models import build_tiny_llava
 
     model, processor = build_tiny_llava("llava", "dinov2", seed=5)
@@ -127,3 +126,17 @@ def test_forward_with_labels_shrinks_labels(tiny_llava):
     expect = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ref[:, 1:].reshape(-1),
                              ignore_index=-100)
     torch.testing.assert_close(out.loss, expect, atol=1e-5, rtol=1e-5)
+
+
+def test_grid_comes_from_the_pixels_not_the_config():
+    """A DINOv2 tower run at another resolution than its config (as the default model is): the call's grid rules."""
+    case = TinyCase("llava", "dinov2")
+    proc = case.processor.image_processor
+    proc.size, proc.crop_size = {"shortest_edge": 48}, {"height": 48, "width": 48}
+    inputs = case.processor(images=make_images()[:1], text=PROMPTS[:1], return_tensors="pt")
+    assert inputs["pixel_values"].shape[-1] == 48
+    with vlm_tools.attached(case.model, "cls_topk", keep=10) as wrapped, torch.no_grad():
+        wrapped(**inputs)
+    assert wrapped.last_trace.grid == (12, 12)
+    assert wrapped.last_trace.tokens_before == [144] and wrapped.last_trace.tokens_after == [10]
+    assert int(wrapped.last_trace.kept[0][0].max()) < 144

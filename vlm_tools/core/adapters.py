@@ -99,7 +99,10 @@ class ModelAdapter(ABC):
                              " is supported")
         self.tower_type = vcfg.model_type
         self.n_prefix = 1  # CLIP and DINOv2: one CLS token, no registers
+        self.patch_size = vcfg.patch_size
         side = vcfg.image_size // vcfg.patch_size
+        # the config's native grid; a call's actual grid comes from its pixel_values (VisionPlan.grid), since
+        # towers that interpolate position embeddings (DINOv2) may run at another resolution than the config's
         self.grid = (side, side)
         self.n_patches = side * side
         self.n_layers = vcfg.num_hidden_layers
@@ -154,7 +157,7 @@ class ModelAdapter(ABC):
         """Flatten the pixel input into vision-tower rows; returns `(rows, crops per image)`."""
 
     @abstractmethod
-    def valid_positions(self, image_sizes, crops: list[int], device) -> torch.Tensor:
+    def valid_positions(self, image_sizes, crops: list[int], device, n_patches: int) -> torch.Tensor:
         """`(rows, n_patches)` mask of patch positions that reach the LLM."""
 
     @abstractmethod
@@ -169,7 +172,9 @@ class ModelAdapter(ABC):
              ratio: float | None, prune: bool) -> tuple[torch.Tensor, VisionPlan]:
         """Vision rows and the per-row budgets for a call (`keep` per image or `ratio` removed)."""
         rows, crops = self.vision_rows(pixel_values, image_sizes)
-        valid = self.valid_positions(image_sizes, crops, rows.device)
+        grid = (rows.shape[-2] // self.patch_size, rows.shape[-1] // self.patch_size)
+        n_patches = grid[0] * grid[1]
+        valid = self.valid_positions(image_sizes, crops, rows.device, n_patches)
         row_image, image_rows, start = [], [], 0
         for i, c in enumerate(crops):
             row_image += [i] * c
@@ -187,7 +192,7 @@ class ModelAdapter(ABC):
                 for r, b in zip(rws, split_budget(want, [cap[r] for r in rws])):
                     budget[r] = b
         plan = VisionPlan(row_image=row_image, image_rows=image_rows, image_sample=image_sample,
-                          n_patches=self.n_patches, grid=self.grid, n_prefix=self.n_prefix, valid=valid,
+                          n_patches=n_patches, grid=grid, n_prefix=self.n_prefix, valid=valid,
                           budget=torch.tensor(budget, dtype=torch.long), prune=prune,
                           image_sizes=None if image_sizes is None else torch.as_tensor(image_sizes))
         return rows, plan
@@ -203,11 +208,11 @@ class LlavaAdapter(ModelAdapter):
             raise ValueError(f"LLaVA expects pixel_values of shape (images, 3, H, W), got {tuple(pixel_values.shape)}")
         return pixel_values, [1] * pixel_values.shape[0]
 
-    def valid_positions(self, image_sizes, crops, device):
-        return torch.ones(sum(crops), self.n_patches, dtype=torch.bool, device=device)
+    def valid_positions(self, image_sizes, crops, device, n_patches):
+        return torch.ones(sum(crops), n_patches, dtype=torch.bool, device=device)
 
     def tokens_per_image(self, plan):
-        return [self.n_patches + (1 if self.keeps_cls else 0)] * len(plan.image_rows)
+        return [plan.n_patches + (1 if self.keeps_cls else 0)] * len(plan.image_rows)
 
     def pack(self, projected, kept, plan):
         return list(projected)
@@ -246,6 +251,10 @@ class LlavaNextAdapter(ModelAdapter):
             raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions")
         if rows.shape[0] != sum(crops):
             raise ValueError(f"pixel_values hold {rows.shape[0]} crops but image_sizes imply {sum(crops)}")
+        size = self.model.config.vision_config.image_size
+        if tuple(rows.shape[-2:]) != (size, size):
+            raise ValueError(f"LLaVA-NeXT crops must be {size}x{size} (the vision config's image_size), got "
+                             f"{tuple(rows.shape[-2:])}")
         return rows, crops
 
     def _pack_values(self, values: torch.Tensor, image_idx: int, image_sizes, newline: float) -> torch.Tensor:
@@ -256,16 +265,16 @@ class LlavaNextAdapter(ModelAdapter):
                                                          image_newline=nl)
         return packed[0]
 
-    def valid_positions(self, image_sizes, crops, device):
-        valid = torch.zeros(sum(crops), self.n_patches, dtype=torch.bool, device=device)
+    def valid_positions(self, image_sizes, crops, device, n_patches):
+        valid = torch.zeros(sum(crops), n_patches, dtype=torch.bool, device=device)
         start = 0
         for i, c in enumerate(crops):
-            idx = torch.arange(c * self.n_patches, device=device, dtype=torch.float32).view(c, self.n_patches, 1)
+            idx = torch.arange(c * n_patches, device=device, dtype=torch.float32).view(c, n_patches, 1)
             packed = self._pack_values(idx, i, image_sizes, newline=-1.0)[:, 0]
             flat = packed[packed >= 0].long()
-            v = torch.zeros(c * self.n_patches, dtype=torch.bool, device=device)
+            v = torch.zeros(c * n_patches, dtype=torch.bool, device=device)
             v[flat] = True
-            valid[start:start + c] = v.view(c, self.n_patches)
+            valid[start:start + c] = v.view(c, n_patches)
             start += c
         return valid
 
@@ -276,7 +285,7 @@ class LlavaNextAdapter(ModelAdapter):
         key = ("newlines", image_idx)
         if key not in plan.extra:
             rws = plan.image_rows[image_idx]
-            ones = torch.zeros(len(rws), self.n_patches, 1)
+            ones = torch.zeros(len(rws), plan.n_patches, 1)
             packed = self._pack_values(ones, image_idx, plan.image_sizes, newline=1.0)
             plan.extra[key] = int(packed.sum())
         return plan.extra[key]
@@ -286,8 +295,8 @@ class LlavaNextAdapter(ModelAdapter):
         for i, rws in enumerate(plan.image_rows):
             feats = projected[rws[0]]
             dim, dtype, device = feats.shape[-1], feats.dtype, feats.device
-            grid = torch.zeros(len(rws), self.n_patches, dim, dtype=dtype, device=device)
-            mask = torch.zeros(len(rws), self.n_patches, 1, dtype=dtype, device=device)
+            grid = torch.zeros(len(rws), plan.n_patches, dim, dtype=dtype, device=device)
+            mask = torch.zeros(len(rws), plan.n_patches, 1, dtype=dtype, device=device)
             for j, r in enumerate(rws):
                 grid[j, kept[r]] = projected[r]
                 mask[j, kept[r]] = 1

@@ -44,11 +44,15 @@ class SampleTrace:
 
 @dataclass
 class Trace:
-    """Record of the last wrapped call: per-sample traces, per-layer token counts and prefill wall time."""
+    """Record of the last wrapped call: per-sample traces, per-layer token counts and prefill wall time.
+
+    `grid` is the patch grid `(rows, cols)` of one crop in this call (kept indices refer to it).
+    """
 
     method: str
     samples: list[SampleTrace]
     prefill_ms: float
+    grid: tuple[int, int] | None = None
     layer_tokens: list[tuple[str, list[int]]] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
@@ -69,6 +73,7 @@ class Trace:
         return {
             "method": self.method,
             "prefill_ms": self.prefill_ms,
+            "grid": list(self.grid) if self.grid else None,
             "samples": [{"kept": [k.tolist() for k in s.kept], "tokens_before": s.tokens_before,
                          "tokens_after": s.tokens_after} for s in self.samples],
             "layer_tokens": [{"where": w, "tokens": t} for w, t in self.layer_tokens],
@@ -353,7 +358,7 @@ class WrappedModel:
         if isinstance(ctx.state.get("scores"), torch.Tensor):
             extra["scores"] = ctx.state["scores"].detach().float().cpu()  # per vision row, over current patches
         return Trace(method="+".join(m.name for m in self.methods), samples=samples, prefill_ms=prefill_ms,
-                     layer_tokens=list(ctx.layer_tokens), extra=extra)
+                     grid=plan.grid if plan is not None else None, layer_tokens=list(ctx.layer_tokens), extra=extra)
 
 
 def wrap(model: nn.Module, method: str | Pruner | list = "cls_topk", **config) -> WrappedModel:
