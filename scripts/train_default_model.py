@@ -8,7 +8,9 @@ Recipe (see ``../shared/reference/offline_assets.md`` section 6 and ``benchmarks
 * stage 1 trains the 2-layer GELU projector (LLaVA's ``multi_modal_projector``) with the LM frozen;
 * stage 2 adds LoRA (r=8, alpha=16) on the LM's ``q_proj``/``v_proj`` and keeps training the projector;
 * the loss is cross-entropy on the answer word and ``<|im_end|>`` only; the prompt is
-  :func:`vlm_tools.assets.default_model.format_prompt`; the LM runs in bf16.
+  :func:`vlm_tools.assets.default_model.format_prompt`; the LM runs in bf16;
+* a step takes ``--images-per-step`` images with all their questions, packed with a shared prefix (the image tokens
+  go through the LM once per image; a block mask keeps each question's computation identical to its own sequence).
 
 The run checkpoints every ``--ckpt-every`` steps into ``--work-dir`` and resumes from the latest checkpoint when
 started again with the same arguments. At the end it writes ``projector.safetensors``, ``lora.safetensors``,
@@ -29,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -43,7 +44,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vlm_tools.assets import convert, default_model, vqa_eval  # noqa: E402
+from vlm_tools.assets import convert, default_model, vqa_eval
 
 LOG = logging.getLogger("train_default_model")
 EVAL_IDS = REPO / "eval_configs" / "data" / "shapes_vqa" / "eval1000_ids.json"
@@ -52,23 +53,27 @@ EVAL_IDS = REPO / "eval_configs" / "data" / "shapes_vqa" / "eval1000_ids.json"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--stage1-steps", type=int, default=700, help="projector-only steps")
-    p.add_argument("--stage2-steps", type=int, default=700, help="projector + LoRA steps")
+    p.add_argument("--images-per-step", type=int, default=4, help="images per step, each with all its questions")
+    p.add_argument("--stage1-steps", type=int, default=120, help="projector-only steps")
+    p.add_argument("--stage2-steps", type=int, default=200, help="projector + LoRA steps (may be raised on resume)")
     p.add_argument("--lr1", type=float, default=1e-3, help="projector learning rate, stage 1")
     p.add_argument("--lr2-lora", type=float, default=5e-4, help="LoRA learning rate, stage 2")
     p.add_argument("--lr2-proj", type=float, default=2e-4, help="projector learning rate, stage 2")
-    p.add_argument("--warmup", type=int, default=30, help="linear warm-up steps at the start of each stage")
+    p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps at the start of each stage")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
-    p.add_argument("--eval-every", type=int, default=200, help="quick first-token eval every N steps (0: never)")
+    p.add_argument("--eval-every", type=int, default=40, help="quick first-token eval every N steps (0: never)")
     p.add_argument("--eval-quick-n", type=int, default=300, help="questions in the quick eval")
-    p.add_argument("--ckpt-every", type=int, default=50)
+    p.add_argument("--ckpt-every", type=int, default=10)
     p.add_argument("--work-dir", type=Path, default=None, help="feature cache + checkpoints (default: cache/train)")
     p.add_argument("--out-dir", type=Path, default=REPO / "vlm_tools" / "assets" / "weights")
     p.add_argument("--eval-only", action="store_true", help="skip training; evaluate the weights in --out-dir")
+    p.add_argument("--eval-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="dtype of the assembled LLaVA in the final evaluation (the LM was trained in bf16)")
+    p.add_argument("--export-checkpoint", action="store_true",
+                   help="write the weights of the latest checkpoint to --out-dir (e.g. while training runs) and exit")
     p.add_argument("--bench", type=int, default=0, help="time N steps of each stage and exit")
     return p.parse_args(argv)
 
@@ -198,6 +203,82 @@ def make_batch(
     }
 
 
+def make_packed_batch(
+    tk: Tokenized, feats: torch.Tensor, groups: list[tuple[int, list[tuple[str, str]]]], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Shared-prefix packing: one row per image holding the prompt prefix and image tokens once, then every question
+    segment (rest of the prompt + answer) of that image.
+
+    A block-diagonal 4-D mask lets each segment see the shared prefix and itself only, and each segment's position
+    ids continue from the prefix, so every question is computed exactly as in its own sequence (the same logits as
+    :func:`make_batch`) while the image tokens go through the LM once per image instead of once per question.
+    """
+    seqs, pos, seg_ids, labels, img_pos = [], [], [], [], []
+    for image_id, qas in groups:
+        pre, _ = tk.prompt(qas[0][0])
+        ids = pre + [tk.image_id] * tk.n_img
+        prefix_len = len(ids)
+        p = list(range(prefix_len))
+        sid = [0] * prefix_len
+        lab = [-100] * prefix_len
+        for k, (q, a) in enumerate(qas, start=1):
+            pre_k, post = tk.prompt(q)
+            if pre_k != pre:
+                raise AssertionError("prompt prefixes differ between questions")
+            ans = tk.answer(a)
+            seg = post + ans
+            ids += seg
+            p += list(range(prefix_len, prefix_len + len(seg)))
+            sid += [k] * len(seg)
+            lab += [-100] * len(post) + ans
+        seqs.append(ids)
+        pos.append(p)
+        seg_ids.append(sid)
+        labels.append(lab)
+        img_pos.append(len(pre))
+    width = max(len(x) for x in seqs)
+    n = len(seqs)
+    input_ids = torch.full((n, width), tk.tok.pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((n, width), dtype=torch.long)
+    segment = torch.full((n, width), -1, dtype=torch.long)
+    lab = torch.full((n, width), -100, dtype=torch.long)
+    for i in range(n):
+        length = len(seqs[i])
+        input_ids[i, :length] = torch.tensor(seqs[i])
+        position_ids[i, :length] = torch.tensor(pos[i])
+        segment[i, :length] = torch.tensor(seg_ids[i])
+        lab[i, :length] = torch.tensor(labels[i])
+    q_seg, k_seg = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = causal & (k_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg))
+    allowed |= torch.eye(width, dtype=torch.bool)  # padding rows attend to themselves (no NaN); they carry no loss
+    mask = torch.zeros((n, 1, width, width), dtype=dtype)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    # labels shifted inside each segment: position t predicts token t+1 of the same segment
+    targets = torch.full_like(lab, -100)
+    same_seg = segment[:, 1:] == segment[:, :-1]
+    targets[:, :-1] = torch.where(same_seg, lab[:, 1:], torch.full_like(lab[:, 1:], -100))
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "mask4d": mask,
+        "targets": targets,
+        "img_pos": torch.tensor(img_pos),
+        "feats": feats[torch.tensor([g[0] for g in groups])],
+    }
+
+
+def packed_loss(lm: Any, projector: torch.nn.Module, batch: dict[str, torch.Tensor], n_img: int) -> torch.Tensor:
+    """Cross-entropy on the answer tokens of a :func:`make_packed_batch` batch."""
+    embeds = embed_batch(lm, projector, batch, n_img)
+    hidden = lm.model(
+        inputs_embeds=embeds, attention_mask=batch["mask4d"], position_ids=batch["position_ids"]
+    ).last_hidden_state
+    rows, cols = (batch["targets"] != -100).nonzero(as_tuple=True)
+    logits = lm.lm_head(hidden[rows, cols]).float()
+    return torch.nn.functional.cross_entropy(logits, batch["targets"][rows, cols])
+
+
 # ----------------------------------------------------------------------------------------------- model pieces
 def build_modules(args: argparse.Namespace, processor: Any) -> tuple[Any, torch.nn.Module]:
     """The frozen bf16 LM (LlamaForCausalLM, resized for ``<image>``) and a fresh fp32 LLaVA projector."""
@@ -232,19 +313,6 @@ def embed_batch(lm: Any, projector: torch.nn.Module, batch: dict[str, torch.Tens
     return torch.stack(rows)
 
 
-def answer_loss(lm: Any, projector: torch.nn.Module, batch: dict[str, torch.Tensor], n_img: int) -> torch.Tensor:
-    """Cross-entropy on the answer tokens; ``lm_head`` runs only at the positions that predict them.
-
-    ``lm.model`` is called directly: peft injects LoRA layers in place, so it includes them in stage 2.
-    """
-    embeds = embed_batch(lm, projector, batch, n_img)
-    hidden = lm.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    rows, cols = (targets != -100).nonzero(as_tuple=True)
-    logits = lm.lm_head(hidden[rows, cols]).float()
-    return torch.nn.functional.cross_entropy(logits, targets[rows, cols])
-
-
 def add_lora(lm: Any, args: argparse.Namespace) -> Any:
     from peft import LoraConfig, get_peft_model
 
@@ -252,10 +320,14 @@ def add_lora(lm: Any, args: argparse.Namespace) -> Any:
     return get_peft_model(lm, cfg)
 
 
-def lora_state(peft_lm: Any) -> dict[str, torch.Tensor]:
-    """LoRA A/B matrices keyed relative to the LlamaModel (``layers.N.self_attn.q_proj.lora_A.weight``)."""
+def lora_state(named: Any) -> dict[str, torch.Tensor]:
+    """LoRA A/B matrices keyed relative to the LlamaModel (``layers.N.self_attn.q_proj.lora_A.weight``).
+
+    Args:
+        named: ``(name, tensor)`` pairs as from ``PeftModel.named_parameters()`` (other names are skipped).
+    """
     out = {}
-    for name, param in peft_lm.named_parameters():
+    for name, param in named:
         if "lora_" in name:
             key = name.split(".model.", 1)[1] if ".model.model." in name else name
             key = key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
@@ -263,11 +335,9 @@ def lora_state(peft_lm: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def lr_at(step: int, total: int, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+def lr_at(step: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then constant (so a stage can be extended on resume)."""
+    return base * min(1.0, (step + 1) / warmup)
 
 
 # ----------------------------------------------------------------------------------------------- quick eval
@@ -304,12 +374,14 @@ def train(args: argparse.Namespace, processor: Any, work: Path) -> None:
 
     lm, projector = build_modules(args, processor)
     total = args.stage1_steps + args.stage2_steps
-    bs = args.batch_size
-    order = np.random.default_rng(args.seed).permutation(len(tr_q)).tolist()
-    order = order * (1 + (total * bs) // len(order))
+    per_image: dict[int, list[tuple[str, str]]] = {}
+    for q, a, i in zip(tr_q, tr_a, tr_i, strict=True):
+        per_image.setdefault(i, []).append((q, a))
+    image_order = [int(i) for i in np.random.default_rng(args.seed).permutation(sorted(per_image))]
+    image_order = image_order * (1 + (total * args.images_per_step) // len(image_order))
 
     ckpt_path = work / "checkpoint.pt"
-    step, peft_lm, opt = 0, None, None
+    step = 0
     state = torch.load(ckpt_path, weights_only=False) if ckpt_path.is_file() and not args.bench else None
     if state is not None and state["args"] != ckpt_args(args):
         raise SystemExit(f"{ckpt_path} was written with other arguments ({state['args']}); remove it to start over")
@@ -357,6 +429,7 @@ def train(args: argparse.Namespace, processor: Any, work: Path) -> None:
         os.replace(tmp, ckpt_path)
 
     t_start, t_log, seen_log, loss_acc = time.perf_counter(), time.perf_counter(), 0, 0.0
+    questions_seen = sum(len(per_image[i]) for i in image_order[: step * args.images_per_step])
     bench_times: list[float] = []
     while step < total:
         if stage == 1 and step >= args.stage1_steps:
@@ -366,14 +439,13 @@ def train(args: argparse.Namespace, processor: Any, work: Path) -> None:
             stage = 2
             model, opt = make_stage(2)
         stage_step = step if stage == 1 else step - args.stage1_steps
-        stage_total = args.stage1_steps if stage == 1 else args.stage2_steps
         for g in opt.param_groups:
-            g["lr"] = lr_at(stage_step, stage_total, g["base"], args.warmup)
-        idx = order[step * bs : (step + 1) * bs]
-        batch = make_batch(tk, feats_tr, [tr_q[i] for i in idx], [tr_a[i] for i in idx], [tr_i[i] for i in idx])
+            g["lr"] = lr_at(stage_step, g["base"], args.warmup)
+        chunk = image_order[step * args.images_per_step : (step + 1) * args.images_per_step]
+        batch = make_packed_batch(tk, feats_tr, [(i, per_image[i]) for i in chunk], torch.bfloat16)
         t0 = time.perf_counter()
         model.train()
-        loss = answer_loss(lm, projector, batch, tk.n_img)
+        loss = packed_loss(lm, projector, batch, tk.n_img)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -389,12 +461,13 @@ def train(args: argparse.Namespace, processor: Any, work: Path) -> None:
                 LOG.info("bench stage 2: %.3f s/step (%s)", np.median(bench_times[1:]), args.attn)
                 return
             continue
-        if step % 10 == 0:
+        questions_seen += sum(len(per_image[i]) for i in chunk)
+        if step % 5 == 0:
             now = time.perf_counter()
             LOG.info(
-                "step %d/%d stage %d loss %.4f lr %.2e %.2f s/step elapsed %.1f min",
+                "step %d/%d stage %d loss %.4f lr %.2e %.2f s/step questions %d elapsed %.1f min",
                 step, total, stage, loss_acc / seen_log, opt.param_groups[0]["lr"], (now - t_log) / seen_log,
-                (now - t_start) / 60,
+                questions_seen, (now - t_start) / 60,
             )
             t_log, seen_log, loss_acc = now, 0, 0.0
         if step % args.ckpt_every == 0:
@@ -404,26 +477,28 @@ def train(args: argparse.Namespace, processor: Any, work: Path) -> None:
             LOG.info("quick eval (first token, %d test questions) at step %d: %s", len(eval_ids), step, acc)
     save_ckpt()
     LOG.info("training done: %d steps in %.1f min this session", step, (time.perf_counter() - t_start) / 60)
-    export_weights(args, projector, model if stage == 2 else None)
+    export_weights(args, projector.state_dict(), model.named_parameters())
 
 
 def ckpt_args(args: argparse.Namespace) -> dict[str, Any]:
-    keep = ("seed", "batch_size", "stage1_steps", "stage2_steps", "lr1", "lr2_lora", "lr2_proj", "warmup",
-            "lora_r", "lora_alpha")
+    keep = ("seed", "images_per_step", "stage1_steps", "lr1", "lr2_lora", "lr2_proj", "warmup", "lora_r",
+            "lora_alpha", "attn")
     return {k: getattr(args, k) for k in keep}
 
 
-def export_weights(args: argparse.Namespace, projector: torch.nn.Module, peft_lm: Any | None) -> None:
+def export_weights(args: argparse.Namespace, projector_state: dict[str, torch.Tensor], lora_named: Any) -> None:
+    """Write ``projector.safetensors`` and (when LoRA was trained) ``lora.safetensors`` + ``lora_config.json``."""
     from safetensors.torch import save_file
 
     out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "source": "scripts/train_default_model.py"}
-    state = {k: v.detach().float().contiguous() for k, v in projector.state_dict().items()}
+    state = {k: v.detach().float().contiguous() for k, v in projector_state.items()}
     save_file(state, str(out / ".projector.tmp"), metadata=meta)
     os.replace(out / ".projector.tmp", out / default_model.PROJECTOR_FILE)
-    if peft_lm is not None:
-        save_file(lora_state(peft_lm), str(out / ".lora.tmp"), metadata=meta)
+    lora = lora_state(lora_named)
+    if lora:
+        save_file(lora, str(out / ".lora.tmp"), metadata=meta)
         os.replace(out / ".lora.tmp", out / default_model.LORA_FILE)
         convert.write_json_atomic(
             out / default_model.LORA_CONFIG_FILE,
@@ -444,10 +519,16 @@ def final_eval(args: argparse.Namespace) -> dict[str, Any]:
     ids = json.loads(EVAL_IDS.read_text())["ids"]
     model, processor = default_model.assemble_untrained()
     LOG.info("applied trained weights: %s", default_model.apply_trained_weights(model, args.out_dir))
+    model = model.to(getattr(torch, args.eval_dtype))
     refs = [te_a[i] for i in ids]
     questions = [te_q[i] for i in ids]
     images = {i: Image.open(te_paths[i]).convert("RGB") for i in sorted({te_i[j] for j in ids})}
-    results: dict[str, Any] = {"n_questions": len(ids), "subset": str(EVAL_IDS.relative_to(REPO))}
+    results: dict[str, Any] = {
+        "n_questions": len(ids),
+        "subset": str(EVAL_IDS.relative_to(REPO)),
+        "eval_dtype": args.eval_dtype,
+        "decoding": "greedy, max_new_tokens=4, first word",
+    }
     t0 = time.perf_counter()
     preds = vqa_eval.answer_questions(model, processor, [images[te_i[i]] for i in ids], questions, batch_size=16)
     results["seconds_right_image"] = round(time.perf_counter() - t0, 1)
@@ -486,6 +567,11 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     folders = convert.ensure_converted()
     processor = default_model.build_processor(folders["smollm2"])
+    if args.export_checkpoint:
+        state = torch.load(work / "checkpoint.pt", weights_only=False)
+        export_weights(args, state["projector"], state["lora"].items())
+        LOG.info("exported checkpoint of step %d", state["step"])
+        return
     if not args.eval_only:
         train(args, processor, work)
         if args.bench:

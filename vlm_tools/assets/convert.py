@@ -199,8 +199,9 @@ def build_folder(
     deep: bool = False,
     verbose: bool = True,
     what: str | None = None,
+    expect_source: dict[str, Any] | None = None,
 ) -> Path:
-    """Return ``target`` if it is intact, else build it atomically.
+    """Return ``target`` if it is intact and current, else build it atomically.
 
     ``builder(tmp_dir)`` writes the folder's files into ``tmp_dir`` and returns provenance for the manifest; the
     manifest is written, then ``tmp_dir`` is renamed to ``target`` (the old folder, if any, is removed after).
@@ -212,17 +213,29 @@ def build_folder(
         deep: verify hashes rather than sizes before deciding.
         verbose: print progress and the reason for a rebuild to stderr.
         what: a short name used in messages.
+        expect_source: entries the manifest's ``source`` must hold (e.g. a digest of the inputs); a folder built
+            from other inputs is rebuilt.
 
     Returns:
         ``target``.
     """
     what = what or target.name
-    problems = [] if force else verify_folder(target, deep=deep)
+
+    def check() -> list[str]:
+        problems = verify_folder(target, deep=deep)
+        if not problems and expect_source:
+            source = json.loads((target / MANIFEST_NAME).read_text()).get("source", {})
+            stale = sorted(k for k, v in expect_source.items() if source.get(k) != v)
+            if stale:
+                problems = [f"{target / MANIFEST_NAME} was built from other inputs ({', '.join(stale)} differ)"]
+        return problems
+
+    problems = [] if force else check()
     if not force and not problems:
         return target
     with _build_lock(target):
         if not force:  # another process may have built it while we waited for the lock
-            problems = verify_folder(target, deep=deep)
+            problems = check()
             if not problems:
                 return target
         if force:
@@ -235,7 +248,7 @@ def build_folder(
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
         os.chmod(tmp, 0o755)
         try:
-            source = builder(tmp) or {}
+            source = {**(builder(tmp) or {}), **(expect_source or {})}
             write_manifest(tmp, source)
             old = None
             if target.exists():
@@ -314,7 +327,7 @@ def dinov2_state_from_onnx(onnx_path: Path) -> tuple[dict[str, Any], dict[str, A
     hidden = state["embeddings.cls_token"].shape[-1]
     state["embeddings.mask_token"] = np.zeros((1, hidden), dtype=np.float32)
     num_layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layer."))
-    grid = int(round(patch_pe.shape[1] ** 0.5))
+    grid = round(patch_pe.shape[1] ** 0.5)
     if grid * grid != patch_pe.shape[1]:
         raise ValueError(f"{onnx_path}: position grid {patch_pe.shape[1]} is not square")
     return state, {"hidden_size": hidden, "num_layers": num_layers, "grid": grid}

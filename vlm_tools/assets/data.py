@@ -5,7 +5,7 @@
   closer in RGB to the shape colour (the most common non-background colour) than to the background colour (the
   most common colour). Fixed subsets: ``quick`` (500 questions, ``eval_configs/data/shapes_vqa/quick_ids.json``)
   and ``eval1000`` (the default model's 1,000-question evaluation subset; its first 500 are ``quick``).
-* ``photos_yesno``: 44 hand-written yes/no questions (22 yes, 22 no) about real photos shipped with scikit-image,
+* ``photos_yesno``: 42 hand-written yes/no questions (21 yes, 21 no) about real photos shipped with scikit-image,
   scikit-learn and matplotlib, with the bounding box of the object asked about when present
   (``eval_configs/data/photos_yesno/questions.json``; sources and licenses in its README.md).
 
@@ -24,6 +24,7 @@ from vlm_tools.assets import convert
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "eval_configs" / "data"
 SHAPES_SPLITS = ("quick", "eval1000", "full")
+SHAPE_MASK_RULE = "nearest of background (mode) / shape colour (mode of colours > 48 away), v1"
 
 
 def _config_file(*parts: str) -> Path:
@@ -112,7 +113,12 @@ def _build_shapes(tmp: Path) -> dict[str, Any]:
 def ensure_shapes_vqa(force: bool = False, verbose: bool = True) -> Path:
     """Materialise ``shapes_vqa`` (images, masks, ``questions.jsonl``) in the cache; returns its folder."""
     return convert.build_folder(
-        convert.cache_home() / "data" / "shapes_vqa", _build_shapes, force=force, verbose=verbose, what="shapes_vqa"
+        convert.cache_home() / "data" / "shapes_vqa",
+        _build_shapes,
+        force=force,
+        verbose=verbose,
+        what="shapes_vqa",
+        expect_source={"mask_rule": SHAPE_MASK_RULE},
     )
 
 
@@ -127,7 +133,7 @@ def load_shapes_vqa(split: str = "quick", with_arrays: bool = False) -> list[dic
         dicts with ``id`` (question index), ``image`` (PNG path), ``question``, ``answer``, ``mask`` (PNG path, or
         array), ``kind`` (``shape``/``color``/``yesno``), ``image_id``.
     """
-    folder = ensure_shapes_vqa(verbose=False)
+    folder = ensure_shapes_vqa()
     ids = shapes_vqa_ids(split)
     rows = [json.loads(line) for line in (folder / "questions.jsonl").read_text().splitlines() if line]
     items = []
@@ -201,9 +207,14 @@ def _build_photos(tmp: Path) -> dict[str, Any]:
 
 def ensure_photos_yesno(force: bool = False, verbose: bool = True) -> Path:
     """Materialise the ``photos_yesno`` photos (PNG) and box masks in the cache; returns its folder."""
+    spec_digest = convert.sha256_file(_config_file("photos_yesno", "questions.json"))
     return convert.build_folder(
-        convert.cache_home() / "data" / "photos_yesno", _build_photos, force=force, verbose=verbose,
+        convert.cache_home() / "data" / "photos_yesno",
+        _build_photos,
+        force=force,
+        verbose=verbose,
         what="photos_yesno",
+        expect_source={"questions_sha256": spec_digest},
     )
 
 
@@ -218,7 +229,7 @@ def photos_yesno(with_arrays: bool = False) -> list[dict[str, Any]]:
         path or array; ``None`` when the answer is no), ``bbox`` (``[x0, y0, x1, y1]`` pixels, exclusive end, or
         ``None``), ``kind`` (``"yesno"``), ``photo``, ``source``, ``license``, ``credit``.
     """
-    folder = ensure_photos_yesno(verbose=False)
+    folder = ensure_photos_yesno()
     spec = _photos_spec()
     items = []
     for item in spec["questions"]:

