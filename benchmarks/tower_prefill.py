@@ -12,7 +12,9 @@ block 1 on, as it does on a trained tower (random weights give a near-uniform [C
 see `benchmarks/tower_pruning.py`). The FLOP ratio counts the tower blocks (per-block token counts from the trace),
 the projector and the decoder layers; the last column extrapolates it to all 32 decoder layers of LLaVA-1.5-7B.
 
-    python benchmarks/tower_prefill.py [--repeats 3] [--text-layers 2] [--sharpen 16]
+Medians of the process CPU time (primary: with one torch thread it does not depend on other load) and wall time.
+
+    python benchmarks/tower_prefill.py [--repeats 3] [--text-layers 2] [--sharpen 16] [--threads 1]
 """
 
 from __future__ import annotations
@@ -50,7 +52,10 @@ def main() -> None:
     ap.add_argument("--sharpen", type=float, default=16.0)
     ap.add_argument("--keeps", default="192,128,64")
     ap.add_argument("--methods", default="flowcut,vtc_cls")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; 1 (default) makes the CPU-time column robust on a shared machine")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     import numpy as np
     from PIL import Image
     from transformers import CLIPImageProcessor, LlavaProcessor
@@ -103,13 +108,13 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, fp32 CPU, {args.text_layers} decoder layers "
           f"(LLaMA-7B widths), {text_tokens} text tokens, tower q/k x{args.sharpen:g}, "
           f"repeats {args.repeats} (medians)")
-    print(f"{'run':<14} {'wall ms':>8} {'ratio':>6} {'cpu ms':>8} {'ratio':>6} {'FLOPs':>6} {'FLOPs, 32 layers':>17}")
+    print(f"{'run':<14} {'cpu ms':>8} {'ratio':>6} {'wall ms':>8} {'ratio':>6} {'FLOPs':>6} {'FLOPs, 32 layers':>17}")
     for label, _, keep in runs:
         name = f"{label} {keep}"
         r = flops(name, keep, args.text_layers) / flops(base, 576, args.text_layers)
         r32 = flops(name, keep, FULL_LAYERS) / flops(base, 576, FULL_LAYERS)
-        print(f"{name:<14} {med[name] * 1000:8.0f} {med[name] / med[base]:6.3f} {med_cpu[name] * 1000:8.0f} "
-              f"{med_cpu[name] / med_cpu[base]:6.3f} {r:6.3f} {r32:17.3f}")
+        print(f"{name:<14} {med_cpu[name] * 1000:8.0f} {med_cpu[name] / med_cpu[base]:6.3f} {med[name] * 1000:8.0f} "
+              f"{med[name] / med[base]:6.3f} {r:6.3f} {r32:17.3f}")
 
 
 if __name__ == "__main__":

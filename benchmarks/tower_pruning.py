@@ -1,6 +1,7 @@
 """FlowCut and VTC-CLS inside a CLIP-L/336-shaped vision tower (24 layers, hidden 1024, 16 heads, 336 px, fp32).
 
-Times the tower forward, interleaved A/B repeats in one run, medians:
+Times the tower forward, interleaved repeats in one run, medians of the process CPU time (the primary figure: with
+one torch thread it does not depend on what else runs on the machine) and of the wall time:
 
 * `bare`: the tower without hooks (what LLaVA-1.5 runs unpruned);
 * `flowcut`: FlowCut at `--keep` (default 64), hooks attached through the registered Pruner. Random weights give an
@@ -12,7 +13,7 @@ Times the tower forward, interleaved A/B repeats in one run, medians:
 * `vtc_cls`: VTC-CLS at `--keep` (three fp32 [CLS]-row recomputations, the tower is not shortened): its scoring
   overhead against `bare`.
 
-    python benchmarks/tower_pruning.py [--repeats 3] [--keep 64] [--sharpen 16] [--batch 1]
+    python benchmarks/tower_pruning.py [--repeats 3] [--keep 64] [--sharpen 16] [--batch 1] [--threads 1]
 """
 
 from __future__ import annotations
@@ -111,7 +112,10 @@ def main() -> None:
     ap.add_argument("--keep", type=int, default=64)
     ap.add_argument("--sharpen", type=float, default=16.0)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; 1 (default) makes the CPU-time column robust on a shared machine")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     import vlm_tools
 
     model = clip_l336_llava()
@@ -156,7 +160,7 @@ def report(wall: dict, cpu: dict, schedules: dict, args) -> None:
     full = tower_flops([1 + (IMAGE // PATCH) ** 2] * LAYERS)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}, "
           f"repeats {args.repeats} (medians), keep {args.keep}, fp32 CPU")
-    print(f"{'run':<22} {'wall ms':>9} {'ratio':>6} {'cpu ms':>9} {'ratio':>6} {'FLOPs':>6}  "
+    print(f"{'run':<22} {'cpu ms':>8} {'ratio':>6} {'wall ms':>8} {'ratio':>6} {'FLOPs':>6}  "
           "patch tokens after each block")
     for name in wall:
         if name in schedules:
@@ -164,8 +168,8 @@ def report(wall: dict, cpu: dict, schedules: dict, args) -> None:
             sched = ",".join(str(c[0]) for w, c in schedules[name] if w.startswith("vision."))
         else:
             flop, sched = 1.0, "576 in every block"
-        print(f"{name:<22} {med_wall[name] * 1000:9.0f} {med_wall[name] / med_wall['bare']:6.3f} "
-              f"{med_cpu[name] * 1000:9.0f} {med_cpu[name] / med_cpu['bare']:6.3f} {flop:6.3f}  {sched}")
+        print(f"{name:<22} {med_cpu[name] * 1000:8.0f} {med_cpu[name] / med_cpu['bare']:6.3f} "
+              f"{med_wall[name] * 1000:8.0f} {med_wall[name] / med_wall['bare']:6.3f} {flop:6.3f}  {sched}")
 
 
 if __name__ == "__main__":

@@ -195,6 +195,22 @@ def test_later_blocks_run_on_fewer_tokens_and_hidden_states_are_shortened():
     assert lengths == expect and lengths[-1] == 10 and lengths[2] < 65
 
 
+def test_trailing_register_tokens_are_kept_and_skipped(tmp_path):
+    """Stacked with the `registers` modifier (registers appended after the patches, `plan.n_suffix`)."""
+    case = _peaky_case()
+    registers = vlm_tools.get_method("registers").cls.example_config(case.model, str(tmp_path))
+    with vlm_tools.attached(case.model, [("registers", registers), ("flowcut", {"keep": 9})]) as wrapped, \
+            torch.no_grad():
+        out = wrapped(**case.batch)
+        batch = wrapped.last_trace
+        for s, single in enumerate(case.singles):
+            logits = wrapped(**single).logits[0]
+            assert torch.equal(wrapped.last_trace.kept[0][0], batch.kept[s][0])
+            torch.testing.assert_close(out.logits[s, -logits.shape[0]:], logits, atol=1e-4, rtol=1e-4)
+    counts = dict(batch.layer_tokens)
+    assert counts["vision.1"][0] != counts["vision.1"][1] and counts["vision.5"] == [9, 9]
+
+
 def test_bf16_tower_scores_in_fp32_and_entropy_has_epsilon():
     from vlm_tools.pruning.flowcut.tower import removal_count
 
