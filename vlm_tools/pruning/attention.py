@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["query_attention", "project_heads"]
+__all__ = ["query_attention", "project_heads", "cls_row_hook"]
 
 
 def project_heads(linear: nn.Linear, x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -34,3 +34,21 @@ def query_attention(attn: nn.Module, hidden: torch.Tensor, head_dim: int, query:
     k = project_heads(attn.k_proj, hidden, head_dim)
     scale = getattr(attn, "scale", getattr(attn, "scaling", head_dim ** -0.5))
     return torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)
+
+
+def cls_row_hook(module, args, kwargs, slot, head_dim: int, key: str) -> None:
+    """Forward pre-hook (`with_kwargs=True`) on a ViT attention module: add the block's head-mean [CLS] -> patch
+    attention (fp32, softmax over all keys, patch columns only) to `ctx.state[key]` (summed over hooked blocks).
+
+    Bind `slot`, `head_dim` and `key` with `functools.partial`; does nothing outside a wrapped call.
+    """
+    from vlm_tools.core.hooks import input_hidden_states
+
+    ctx = slot.ctx
+    if ctx is None or ctx.plan is None:
+        return
+    plan = ctx.plan
+    hidden = input_hidden_states(args, kwargs)
+    attn = query_attention(module, hidden, head_dim, query=0)  # (rows, heads, 1, L)
+    row = attn[:, :, 0, plan.n_prefix:hidden.shape[1] - plan.n_suffix].mean(1)
+    ctx.state[key] = row if key not in ctx.state else ctx.state[key] + row

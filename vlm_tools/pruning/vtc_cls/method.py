@@ -15,24 +15,12 @@ from __future__ import annotations
 import functools
 
 from vlm_tools._registry import register_method
-from vlm_tools.core.hooks import HookHandle, input_hidden_states
-from vlm_tools.pruning.attention import query_attention
-from vlm_tools.pruning.base import ContextSlot, Pruner, topk_rows
+from vlm_tools.core.hooks import attach_guarded
+from vlm_tools.pruning.attention import cls_row_hook
+from vlm_tools.pruning.base import Pruner, topk_rows
 from vlm_tools.pruning.vtc_cls.config import VtcClsConfig
 
 _KEY = "vtc_cls"
-
-
-def _accumulate_hook(module, args, kwargs, slot: ContextSlot, head_dim: int) -> None:
-    """Add this block's head-mean [CLS] -> patch attention (fp32) to the per-call running sum."""
-    ctx = slot.ctx
-    if ctx is None or ctx.plan is None:
-        return
-    plan = ctx.plan
-    hidden = input_hidden_states(args, kwargs)
-    attn = query_attention(module, hidden, head_dim, query=0)  # (rows, heads, 1, L), softmax over all keys
-    row = attn[:, :, 0, plan.n_prefix:hidden.shape[1] - plan.n_suffix].mean(1)
-    ctx.state[_KEY] = row if _KEY not in ctx.state else ctx.state[_KEY] + row
 
 
 @register_method("vtc_cls", kind="vision", config=VtcClsConfig,
@@ -45,16 +33,13 @@ class VtcCls(Pruner):
 
     def attach(self, model, adapter, slot):
         start, end = self.config.block_range(adapter.n_layers)
-        handle = HookHandle(self.name)
-        try:
+        hook = functools.partial(cls_row_hook, slot=slot, head_dim=adapter.head_dim, key=_KEY)
+
+        def register(handle):
             for block in range(start, end + 1):
-                handle.forward_pre_hook(adapter.vision_attention(block),
-                                        functools.partial(_accumulate_hook, slot=slot, head_dim=adapter.head_dim),
-                                        with_kwargs=True)
-        except BaseException:
-            handle.remove()
-            raise
-        return handle
+                handle.forward_pre_hook(adapter.vision_attention(block), hook, with_kwargs=True)
+
+        return attach_guarded(self.name, register)
 
     def select(self, features, ctx, adapter):
         scores = ctx.state[_KEY]
