@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr2-lora", type=float, default=5e-4, help="LoRA learning rate, stage 2")
     p.add_argument("--lr2-proj", type=float, default=2e-4, help="projector learning rate, stage 2")
     p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps at the start of each stage")
+    p.add_argument("--decay-steps", type=int, default=0,
+                   help="the last N steps of stage 2 decay the learning rates linearly to 10%% (0: constant)")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
@@ -335,9 +337,15 @@ def lora_state(named: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def lr_at(step: int, base: float, warmup: int) -> float:
-    """Linear warm-up, then constant (so a stage can be extended on resume)."""
-    return base * min(1.0, (step + 1) / warmup)
+def lr_at(step: int, base: float, warmup: int, total: int | None = None, decay: int = 0) -> float:
+    """Linear warm-up, constant, then (when ``decay``) a linear decay to 10% over the last ``decay`` of ``total`` steps.
+
+    The constant phase lets a run be extended on resume; the decay only touches the final steps.
+    """
+    factor = min(1.0, (step + 1) / warmup)
+    if decay and total is not None and step >= total - decay:
+        factor *= 1.0 - 0.9 * (step - (total - decay) + 1) / decay
+    return base * factor
 
 
 # ----------------------------------------------------------------------------------------------- quick eval
@@ -440,7 +448,10 @@ def train(args: argparse.Namespace, processor: Any, work: Path) -> None:
             model, opt = make_stage(2)
         stage_step = step if stage == 1 else step - args.stage1_steps
         for g in opt.param_groups:
-            g["lr"] = lr_at(stage_step, g["base"], args.warmup)
+            if stage == 1:
+                g["lr"] = lr_at(stage_step, g["base"], args.warmup)
+            else:
+                g["lr"] = lr_at(stage_step, g["base"], args.warmup, args.stage2_steps, args.decay_steps)
         chunk = image_order[step * args.images_per_step : (step + 1) * args.images_per_step]
         batch = make_packed_batch(tk, feats_tr, [(i, per_image[i]) for i in chunk], torch.bfloat16)
         t0 = time.perf_counter()
@@ -579,9 +590,10 @@ def main(argv: list[str] | None = None) -> None:
     LOG.info("training wall time this session: %.1f min", (time.perf_counter() - t0) / 60)
     results = final_eval(args)
     results["command"] = " ".join(["python", "scripts/train_default_model.py", *(argv or sys.argv[1:])])
-    results["train_args"] = ckpt_args(args)
-    convert.write_json_atomic(args.out_dir / "train_results.json", results)
-    LOG.info("wrote %s", args.out_dir / "train_results.json")
+    results["train_args"] = {**ckpt_args(args), "stage2_steps": args.stage2_steps, "decay_steps": args.decay_steps}
+    name = f"eval_results_{args.eval_dtype}.json" if args.eval_only else "train_results.json"
+    convert.write_json_atomic(args.out_dir / name, results)
+    LOG.info("wrote %s", args.out_dir / name)
 
 
 if __name__ == "__main__":

@@ -393,7 +393,7 @@ def _build_dinov2_hf(tmp: Path) -> dict[str, Any]:
     for key, value in state.items():
         for old, new in _HF5_RENAMES:
             key = key.replace(old, new)
-        renamed[key] = torch.from_numpy(value)
+        renamed[key] = torch.tensor(value)
     model = Dinov2Model(dinov2_config(info))
     expected = set(model.state_dict())
     if set(renamed) != expected:
