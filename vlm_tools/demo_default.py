@@ -91,7 +91,7 @@ def _mask_gallery(model, processor, photos: list[dict], methods: list[str], keep
                 wrapped(**batch)
             kept, grid = wrapped.last_trace.kept[0][0], wrapped.last_trace.grid
             cells.append((name, _png_b64(kept_mask_image(ph["image"], kept, grid)), int(kept.numel())))
-        out.append((f"{ph['source']}: {ph['question']}", cells))
+        out.append((f"{ph['photo']} ({ph['source']}): {ph['question']}", cells))
     return out, grid
 
 
