@@ -587,7 +587,7 @@ def main(argv: list[str] | None = None) -> None:
         train(args, processor, work)
         if args.bench:
             return
-    LOG.info("training wall time this session: %.1f min", (time.perf_counter() - t0) / 60)
+        LOG.info("training wall time this session: %.1f min", (time.perf_counter() - t0) / 60)
     results = final_eval(args)
     results["command"] = " ".join(["python", "scripts/train_default_model.py", *(argv or sys.argv[1:])])
     results["train_args"] = {**ckpt_args(args), "stage2_steps": args.stage2_steps, "decay_steps": args.decay_steps}

@@ -11,7 +11,8 @@ folder in the cache (the LoRA merged into the LM weights, so no peft is needed t
     inputs = processor(images=image, text=prompt, return_tensors="pt")
 
 Images are resized to 112 x 112 (no crop; bicubic; ImageNet mean/std): an 8 x 8 patch grid after the CLS token is
-dropped, so 64 image tokens per image.
+dropped, so 64 image tokens per image. The vision config is native at 112 px (``vision_config.image_size == 112``,
+position embeddings resized once from DINOv2's 518 px grid; see :func:`vision_at_resolution`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Any
 from vlm_tools.assets import convert
 
 IMAGE_SIZE = 112
+# bump when the assembly recipe changes, so cached folders built by an older recipe are rebuilt
+ASSEMBLY_VERSION = 2
 PATCH_SIZE = 14
 IMAGE_TOKEN = "<image>"
 DEFAULT_MODEL_DIR = "default_vlm"
@@ -129,6 +132,39 @@ def build_llava_config(vision_config: Any, text_config: Any, image_token_id: int
     )
 
 
+def vision_at_resolution(vision: Any, image_size: int) -> tuple[Any, dict[str, Any]]:
+    """The DINOv2 config and state dict for a native ``image_size``: position embeddings resized once.
+
+    The converted DINOv2 is native at 518 px (37 x 37 positions) and interpolates them on every call at another size.
+    Storing them already resized with the model's own ``interpolate_pos_encoding`` gives bit-identical outputs at
+    ``image_size`` and makes ``vision_config.image_size`` match the processor, as in a released LLaVA checkpoint, so
+    code that reads the patch grid from the config sees the grid the model runs at.
+
+    Args:
+        vision: a ``Dinov2Model``.
+        image_size: the processor's image size (a multiple of the patch size).
+
+    Returns:
+        ``(config, state_dict)`` for a ``Dinov2Model`` built at ``image_size``.
+    """
+    import copy
+
+    import torch
+
+    config = copy.deepcopy(vision.config)
+    side = image_size // config.patch_size
+    if side * config.patch_size != image_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of the patch size {config.patch_size}")
+    config.image_size = image_size
+    state = dict(vision.state_dict())
+    with torch.no_grad():
+        dummy = torch.zeros(1, 1 + side * side, config.hidden_size)
+        state["embeddings.position_embeddings"] = vision.embeddings.interpolate_pos_encoding(
+            dummy, image_size, image_size
+        ).detach().clone()
+    return config, state
+
+
 def assemble_untrained(dtype: Any = None, verbose: bool = True, seed: int = 0) -> tuple[Any, Any]:
     """A LLaVA with the real DINOv2 and SmolLM2 weights and a randomly initialised projector.
 
@@ -153,12 +189,13 @@ def assemble_untrained(dtype: Any = None, verbose: bool = True, seed: int = 0) -
     lm.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
     with torch.no_grad():  # the <image> row is never read (its positions get image features); keep it deterministic
         lm.get_input_embeddings().weight[old_vocab:] = 0.0
-    config = build_llava_config(vision.config, lm.config, image_token_id)
+    vision_config, vision_state = vision_at_resolution(vision, IMAGE_SIZE)
+    config = build_llava_config(vision_config, lm.config, image_token_id)
     config.text_config.vocab_size = len(processor.tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)
-    model.model.vision_tower.load_state_dict(vision.state_dict(), strict=True)
+    model.model.vision_tower.load_state_dict(vision_state, strict=True)
     model.model.language_model.load_state_dict(lm.model.state_dict(), strict=True)
     model.lm_head.load_state_dict(lm.lm_head.state_dict(), strict=True)
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
@@ -247,7 +284,7 @@ def default_model_path(build: bool = True, force: bool = False, verbose: bool = 
         force=force,
         verbose=verbose,
         what="default VLM",
-        expect_source={"weights_digest": weights_digest()},
+        expect_source={"weights_digest": weights_digest(), "assembly": ASSEMBLY_VERSION},
     )
 
 
