@@ -268,7 +268,8 @@ def build_folder(
 def _onnx_key(node_name: str) -> str:
     """Map an ONNX MatMul node name to an HF (transformers 4 naming) ``...weight`` key.
 
-    ``/backbone/encoder/layer.3/attention/attention/query/MatMul`` -> ``encoder.layer.3.attention.attention.query.weight``
+    ``/backbone/encoder/layer.3/attention/attention/query/MatMul`` ->
+    ``encoder.layer.3.attention.attention.query.weight``
     """
     parts = [p for p in node_name.split("/") if p]
     if parts[0] != "backbone" or parts[-1] != "MatMul":

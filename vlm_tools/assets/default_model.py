@@ -73,11 +73,10 @@ def format_prompt(processor: Any, question: str) -> str:
         A string with one ``<image>`` placeholder, ending in the assistant turn's ``Answer:`` prefix; the model
         continues with one word and ``<|im_end|>``.
     """
-    messages = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION_TEMPLATE.format(question=question)}]}
-    ]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return text + ANSWER_PREFIX
+    text = {"type": "text", "text": QUESTION_TEMPLATE.format(question=question)}
+    messages = [{"role": "user", "content": [{"type": "image"}, text]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return prompt + ANSWER_PREFIX
 
 
 def build_processor(lm_folder: Path) -> Any:
