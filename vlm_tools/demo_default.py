@@ -65,7 +65,7 @@ def kept_mask_image(image, kept: torch.Tensor, grid: tuple[int, int], size: int 
         if keep[i]:
             draw.rectangle(box, outline=(255, 220, 0, 160))
         else:
-            draw.rectangle(box, fill=(0, 0, 0, 170))
+            draw.rectangle(box, fill=(0, 0, 0, 200))
     return Image.alpha_composite(img.convert("RGBA"), shade).convert("RGB")
 
 
