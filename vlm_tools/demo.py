@@ -69,7 +69,11 @@ def run_tiny_demo(budgets: tuple[int, ...] = (32, 16, 8), max_new_tokens: int = 
     case = TinyCase("llava", "clip")
     inputs = case.singles[0]
     rows = []
-    configs = [("none", {}, "all")] + [(m, {"keep": k}, f"keep={k}") for m in pruning_methods() for k in budgets]
+    configs = [("none", {}, "all")]
+    for m in pruning_methods():
+        base = vlm_tools.get_method(m).cls.example_config(case.model)  # fits the tiny model (e.g. fastv's layer)
+        base.pop("ratio", None)
+        configs += [(m, {**base, "keep": k}, f"keep={k}") for k in budgets]
     for name, cfg, label in configs:
         with vlm_tools.attached(case.model, name, **cfg) as wrapped, torch.no_grad():
             wrapped.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)  # warm-up
