@@ -87,20 +87,17 @@ def run_tiny_demo(budgets: tuple[int, ...] = (32, 16, 8), max_new_tokens: int = 
 
 def _write_rows(rows: list[DemoRow], out: Path, meta: dict) -> None:
     import csv
-    import os
+    import io
 
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("results.md", format_table(rows) + "\n"),
-                       ("results.json", json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
-    tmp = out / "results.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
-        w.writeheader()
-        w.writerows(asdict(r) for r in rows)
-    os.replace(tmp, out / "results.csv")
+    from vlm_tools.core.io import write_text_atomic
+
+    write_text_atomic(out / "results.md", format_table(rows) + "\n")
+    write_text_atomic(out / "results.json", json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(asdict(rows[0])))
+    w.writeheader()
+    w.writerows(asdict(r) for r in rows)
+    write_text_atomic(out / "results.csv", buf.getvalue())
 
 
 def run_demo(model: str = "default", out_dir: str = "out/demo", **kw) -> list[DemoRow]:

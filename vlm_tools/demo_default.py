@@ -10,12 +10,12 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from vlm_tools.core.io import write_text_atomic
 from vlm_tools.demo import DemoRow, _write_rows, format_table, pruning_methods
 
 __all__ = ["run_default_demo", "kept_mask_image"]
@@ -116,9 +116,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child,td
 <h2>ShapesVQA quick subset</h2><table><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr>{body}</table>
 <h2>Kept visual tokens on real photos</h2><p>Dark cells were pruned; the grid is the model's {esc(str(meta.get("grid")))}
 patch grid.</p>{"".join(figs)}</body></html>"""
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(doc, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, doc)
 
 
 def run_default_demo(out_dir: str = "out/demo", limit: int | None = None, batch_size: int = 32,

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlm_tools.core import io as atomic
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 
@@ -126,20 +128,8 @@ def write_manifest(folder: Path, source: dict[str, Any] | None = None) -> Path:
 
 
 def write_json_atomic(path: Path, obj: Any) -> Path:
-    """Write JSON to a temporary file in the same folder, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(obj, handle, indent=1, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write JSON (sorted keys, indent 1) atomically: temporary file in the same folder, then rename."""
+    return atomic.write_json_atomic(path, obj, indent=1, sort_keys=True)
 
 
 def verify_folder(folder: Path, deep: bool = False) -> list[str]:

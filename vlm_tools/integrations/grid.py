@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlm_tools.core import io as atomic
 from vlm_tools.integrations.model_args import method_fields, validate_method
 
 __all__ = [
@@ -414,19 +415,12 @@ def render_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def write_json_atomic(path: Path, obj: Any) -> Path:
-    """Write JSON to a temp file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
+    """Write JSON atomically (temp file beside `path`, then rename)."""
+    return atomic.write_json_atomic(path, obj, indent=2, default=str)
 
 
 def _write_text_atomic(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return atomic.write_text_atomic(path, text)
 
 
 def write_table(rows: list[dict[str, Any]], out_dir: Path, meta: Mapping[str, Any]) -> dict[str, Path]:

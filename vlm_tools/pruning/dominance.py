@@ -27,7 +27,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 
 from vlm_tools.core.hooks import HookHandle
+from vlm_tools.core.io import write_bytes_atomic
 from vlm_tools.pruning.fastv.rows import (
     attention_rows,
     check_lm_attention,
@@ -212,20 +212,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def _save_fig(fig, path: Path) -> Path:

@@ -15,7 +15,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vlm_tools.core.io import write_text_atomic
 
 from . import backbones, tta
 
@@ -259,13 +260,6 @@ def _labelled_row(tiles: Sequence[tuple[str, Any]], pad: int = 4):
     return canvas
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _denormalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     m = torch.tensor(mean).view(3, 1, 1)
     s = torch.tensor(std).view(3, 1, 1)
@@ -362,5 +356,5 @@ def artifact_report(models: Mapping[str, nn.Module], images: str | os.PathLike |
         "images": per_image,
         "figures": figures,
     }
-    _atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
     return report

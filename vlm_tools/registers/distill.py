@@ -18,7 +18,6 @@ import math
 import os
 import random
 import re
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from vlm_tools.core.io import write_bytes_atomic, write_text_atomic
 
 from . import backbones, data, tta
 from .student import DEFAULT_UNLOCK, RegisterStudent, StudentConfig, build_student, save_student
@@ -323,17 +324,7 @@ def _load_llava_tower(folder: Path, cfg: Any) -> nn.Module:
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def _rng_state() -> dict:
@@ -465,10 +456,7 @@ def _trim_log(log_path: Path, step: int) -> None:
             continue
         if isinstance(rec, dict) and rec.get("step", 0) <= step:
             kept.append(ln)
-    fd, tmp = tempfile.mkstemp(dir=log_path.parent, prefix=f".{log_path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write("".join(ln + "\n" for ln in kept))
-    os.replace(tmp, log_path)
+    write_text_atomic(log_path, "".join(ln + "\n" for ln in kept))
 
 
 # ------------------------------------------------------------------------------------------------------------ job

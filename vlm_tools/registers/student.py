@@ -23,7 +23,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +30,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from vlm_tools.core.io import write_bytes_atomic
 
 from . import backbones
 
@@ -344,20 +345,6 @@ def build_student(teacher: nn.Module, config: StudentConfig | None = None) -> Re
     return student
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_student(student: RegisterStudent, out_dir: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
     """Export the student: ``student.safetensors`` (registers + unlocked parameters) and ``student_config.json``.
 
@@ -386,8 +373,8 @@ def save_student(student: RegisterStudent, out_dir: str | os.PathLike, extra: Ma
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
         "extra": dict(extra or {}),
     }
-    _atomic_write_bytes(out / STUDENT_WEIGHTS, save(tensors))
-    _atomic_write_bytes(out / STUDENT_CONFIG, (json.dumps(meta, indent=2) + "\n").encode())
+    write_bytes_atomic(out / STUDENT_WEIGHTS, save(tensors))
+    write_bytes_atomic(out / STUDENT_CONFIG, (json.dumps(meta, indent=2) + "\n").encode())
     return out
 
 

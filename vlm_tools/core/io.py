@@ -1,0 +1,40 @@
+"""Atomic file writes: a temporary file in the target's folder, flushed and fsync'ed, then renamed into place."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["write_bytes_atomic", "write_text_atomic", "write_json_atomic"]
+
+
+def write_bytes_atomic(path: str | Path, data: bytes, mode: int = 0o644) -> Path:
+    """Write `data` to `path` atomically (readers see the old file or the whole new one, never a part)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """`write_bytes_atomic` for UTF-8 text."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | Path, obj: Any, **dumps_kwargs: Any) -> Path:
+    """`write_bytes_atomic` for `json.dumps(obj, **dumps_kwargs)` plus a final newline."""
+    return write_text_atomic(path, json.dumps(obj, **dumps_kwargs) + "\n")
