@@ -165,6 +165,14 @@ class ModelAdapter(ABC):
         """Number of LLM placeholder tokens per image without pruning (what the processor expanded)."""
 
     @abstractmethod
+    def token_layout(self, plan: VisionPlan, kept: list[torch.Tensor], image: int) -> torch.Tensor:
+        """Original patch index of each LLM token of one image as `pack` lays it out (CPU LongTensor).
+
+        `kept` holds the kept original patch indices per vision row. Tokens that are not patches (the CLS feature
+        of the "full" strategy, LLaVA-NeXT's `image_newline`) are -1; NeXT patches are `crop * n_patches + patch`.
+        """
+
+    @abstractmethod
     def pack(self, projected: list[torch.Tensor], kept: list[torch.Tensor], plan: VisionPlan) -> list[torch.Tensor]:
         """Arrange the projected kept features of each row into the LLM token sequence of each image."""
 
@@ -213,6 +221,10 @@ class LlavaAdapter(ModelAdapter):
 
     def tokens_per_image(self, plan):
         return [plan.n_patches + (1 if self.keeps_cls else 0)] * len(plan.image_rows)
+
+    def token_layout(self, plan, kept, image):
+        layout = kept[plan.image_rows[image][0]].cpu().long()
+        return torch.cat([torch.tensor([-1]), layout]) if self.keeps_cls else layout
 
     def pack(self, projected, kept, plan):
         return list(projected)
@@ -289,6 +301,16 @@ class LlavaNextAdapter(ModelAdapter):
             packed = self._pack_values(ones, image_idx, plan.image_sizes, newline=1.0)
             plan.extra[key] = int(packed.sum())
         return plan.extra[key]
+
+    def token_layout(self, plan, kept, image):
+        rws, n = plan.image_rows[image], plan.n_patches
+        grid = torch.zeros(len(rws), n, 1, dtype=torch.float64)  # 0 = pruned, j * n + k + 1 = kept patch
+        for j, r in enumerate(rws):
+            k = kept[r].cpu()
+            grid[j, k, 0] = (j * n + k + 1).double()
+        vals = self._pack_values(grid, image, plan.image_sizes, newline=-1.0)[:, 0]
+        vals = vals[vals != 0]
+        return torch.where(vals > 0, vals - 1, -1).round().long()
 
     def pack(self, projected, kept, plan):
         out = []

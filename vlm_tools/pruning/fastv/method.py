@@ -40,7 +40,7 @@ from torch import nn
 from vlm_tools._registry import register_method
 from vlm_tools.core.adapters import ModelAdapter
 from vlm_tools.core.hooks import HookHandle
-from vlm_tools.pruning.base import CallContext, ContextSlot, Pruner
+from vlm_tools.pruning.base import CallContext, ContextSlot, Pruner, all_rows
 from vlm_tools.pruning.fastv.config import FastVConfig
 from vlm_tools.pruning.fastv.rows import (
     attention_rows,
@@ -85,16 +85,8 @@ def image_token_layout(adapter: ModelAdapter, ctx: CallContext, image: int) -> t
     key = ("fastv_layout", image)
     if key in ctx.state:
         return ctx.state[key]
-    plan = ctx.plan
-    if adapter.family == "llava_next":
-        rws = plan.image_rows[image]
-        idx = torch.arange(len(rws) * plan.n_patches, dtype=torch.float32).view(len(rws), plan.n_patches, 1)
-        layout = adapter._pack_values(idx, image, plan.image_sizes, newline=-1.0)[:, 0].round().long()
-    else:
-        layout = torch.arange(plan.n_patches)
-        if adapter.keeps_cls:
-            layout = torch.cat([torch.tensor([-1]), layout])
-    ctx.state[key] = layout.cpu()
+    kept = ctx.kept if ctx.kept is not None else all_rows(ctx)  # an llm-kind method sees every patch
+    ctx.state[key] = adapter.token_layout(ctx.plan, kept, image)
     return ctx.state[key]
 
 

@@ -30,7 +30,7 @@ from vlm_tools.core.adapters import ModelAdapter
 from vlm_tools.core.hooks import HookHandle, input_hidden_states
 from vlm_tools.pruning.base import CallContext, ContextSlot
 
-__all__ = ["LLM_KEY", "LlmState", "attach", "check", "packed_layout", "prepare", "text_query_scores"]
+__all__ = ["LLM_KEY", "LlmState", "attach", "check", "prepare", "text_query_scores"]
 
 LLM_KEY = "flowcut_llm"
 SUPPORTED_LLM_ATTENTION = ("eager", "sdpa")
@@ -95,30 +95,10 @@ def check(adapter: ModelAdapter, llm_layer: int) -> None:
                          f"(LLaMA-style decoder); {type(attn).__name__} lacks {missing or ['rotary_emb']}")
 
 
-def packed_layout(adapter: ModelAdapter, plan, kept: list[torch.Tensor], image: int) -> torch.Tensor:
-    """Original patch index of each LLM token of one image (-1 = newline), in HF's packing order.
-
-    Packs an index grid with the model's own `pack_image_features`, as the adapter packs the features.
-    """
-    rows = plan.image_rows[image]
-    n = plan.n_patches
-    grid = torch.zeros(len(rows), n, 1, dtype=torch.float64)
-    for j, r in enumerate(rows):
-        k = kept[r].cpu()
-        grid[j, k, 0] = (j * n + k + 1).double()
-    newline = torch.full((1,), -1.0, dtype=torch.float64)
-    packed, _ = adapter.model.model.pack_image_features([grid], plan.image_sizes[image:image + 1],
-                                                        vision_feature_select_strategy=adapter.select_strategy,
-                                                        image_newline=newline)
-    vals = packed[0][:, 0]
-    vals = vals[vals != 0]
-    return torch.where(vals > 0, vals - 1, -1).round().long()
-
-
 def prepare(ctx: CallContext, adapter: ModelAdapter, kept: list[torch.Tensor]) -> None:
     """Set up the per-call LLM-stage state from the tower-stage selection (called from `select`)."""
     plan = ctx.plan
-    layouts = [packed_layout(adapter, plan, kept, i) for i in range(len(plan.image_rows))]
+    layouts = [adapter.token_layout(plan, kept, i) for i in range(len(plan.image_rows))]
     targets = [int(plan.budget[rows].sum()) for rows in plan.image_rows]
     ctx.state[LLM_KEY] = LlmState(layouts=layouts, targets=targets)
 
