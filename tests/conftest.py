@@ -29,3 +29,12 @@ def tiny_llava() -> TinyCase:
 @pytest.fixture(scope="session")
 def tiny_llava_next() -> TinyCase:
     return TinyCase("llava_next")
+
+
+@pytest.fixture()
+def one_thread():
+    """One intra-op thread for tiny models: avoids OpenMP oversubscription stalls on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

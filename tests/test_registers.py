@@ -9,13 +9,7 @@ from vlm_tools.registers import artifacts, backbones, student, synthetic, tta
 from vlm_tools.registers.distill import distill_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP oversubscription stalls
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_timm(**kw):

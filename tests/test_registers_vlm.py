@@ -12,12 +12,7 @@ from vlm_tools.registers import student as st
 from vlm_tools.testing import TinyCase
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["clip", "dinov2"])
