@@ -39,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import vlm_tools
-    from vlm_tools.pruning.base import CallContext
+    from vlm_tools.core.method import CallContext
 
     model = clip_l336_llava()
     tower = model.model.vision_tower
@@ -54,7 +54,7 @@ def main() -> None:
         wrapped._slot.ctx = CallContext(plan=plan)
         try:
             tower(pixels, output_hidden_states=True)
-            assert wrapped._slot.ctx.state["scores"].shape == (args.batch, 576)
+            assert wrapped._slot.ctx.scores.shape == (args.batch, 576)
         finally:
             wrapped._slot.ctx = None
 

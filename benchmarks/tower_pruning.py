@@ -78,18 +78,18 @@ class TowerRunner:
 
     def __init__(self, model, method: str, **config) -> None:
         import vlm_tools
-        from vlm_tools.pruning.base import ContextSlot
+        from vlm_tools.core.method import ContextSlot
 
         self.adapter = vlm_tools.get_adapter(model)
         info = vlm_tools.get_method(method)
-        self.method = info.cls(info.config_cls(**config))
+        self.method = info.cls(info.config_cls.from_dict(config))
         self.slot = ContextSlot()
         self.handle = self.method.attach(model, self.adapter, self.slot)
         self.keep = config.get("keep")
         self.layer_tokens: list = []
 
     def __call__(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        from vlm_tools.pruning.base import CallContext
+        from vlm_tools.core.method import CallContext
 
         rows, plan = self.adapter.plan(pixels, None, list(range(pixels.shape[0])), self.keep, None, True)
         ctx = CallContext(plan=plan)

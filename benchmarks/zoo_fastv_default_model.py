@@ -77,7 +77,7 @@ def main() -> None:
     import vlm_tools
     from vlm_tools.assets.data import load_shapes_vqa
     from vlm_tools.assets.default_model import format_prompt
-    from vlm_tools.pruning.dominance import dominance
+    from vlm_tools.analysis import dominance
 
     t0 = time.perf_counter()
     model, processor = _load(args.untrained)

@@ -83,7 +83,7 @@ def test_exception_mid_forward_leaves_model_clean(tiny, base_outputs, name, tmp_
         wrapped = vlm_tools.wrap(tiny.model, name, **cfg)
         with pytest.raises(_Boom), torch.no_grad():
             wrapped.generate(**tiny.singles[0], max_new_tokens=2)
-        assert wrapped._slot.ctx is None  # per-call state cleared in finally
+        assert wrapped.context is None  # per-call state cleared in finally
     finally:
         boom.remove()
     with torch.no_grad():  # the wrapper still works after the failed call

@@ -11,7 +11,7 @@ from PIL import Image
 
 import vlm_tools
 from vlm_tools.core.hooks import find_hooks
-from vlm_tools.pruning.dominance import DominanceCollector, compute_stats, dominance, plot_comparison, stage_layers
+from vlm_tools.analysis import DominanceCollector, compute_stats, dominance, plot_comparison, stage_layers
 from vlm_tools.pruning.fastv.config import FastVConfig
 from vlm_tools.pruning.fastv.method import FastV
 from vlm_tools.testing import PROMPTS, TinyCase
@@ -84,7 +84,7 @@ def test_matches_hand_computation_after_cls_topk(eager):
     single = eager.singles[0]
     keep = 8
     with vlm_tools.attached(model, "cls_topk", keep=keep) as wrapped, torch.no_grad():
-        with DominanceCollector(model, slot=wrapped._slot) as col:
+        with DominanceCollector(model, wrapper=wrapped) as col:
             out = wrapped.generate(**single, max_new_tokens=NEW, do_sample=False, output_attentions=True,
                                    return_dict_in_generate=True)
     ids = single["input_ids"]

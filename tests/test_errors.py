@@ -81,7 +81,8 @@ def test_unsupported_model_names_supported_families():
 
 def test_attach_failure_removes_partial_hooks(clean):
     from vlm_tools.core.hooks import HookHandle
-    from vlm_tools.pruning.base import BudgetConfig, Pruner
+    from vlm_tools.core.config import BudgetConfig
+    from vlm_tools.pruning.base import Pruner
 
     class Half(Pruner):
         name, kind = "half", "vision"

@@ -9,8 +9,8 @@ from transformers import DynamicCache
 import vlm_tools
 from vlm_tools.core.hooks import find_hooks
 from vlm_tools.pruning.fastv.config import FastVConfig
-from vlm_tools.pruning.fastv.method import FastV, image_token_layout
-from vlm_tools.pruning.fastv.rows import attention_rows, layer_inputs, rotated_keys, rotated_queries, visible_keys
+from vlm_tools.core.attention import attention_rows, layer_inputs, rotated_keys, rotated_queries, visible_keys
+from vlm_tools.pruning.fastv.method import FastV
 from vlm_tools.testing import TinyCase
 
 NEW = 5
@@ -109,11 +109,11 @@ def _kept_positions(case, kept_patches: torch.Tensor, inputs) -> torch.Tensor:
 def _layout_of(case, inputs) -> torch.Tensor:
     """The placeholder layout (patch index or -1) of a single-image input, via the method's own helper."""
     from vlm_tools.core.adapters import get_adapter
-    from vlm_tools.pruning.base import CallContext
+    from vlm_tools.core.method import CallContext
 
     ad = get_adapter(case.model)
     _, plan = ad.plan(inputs["pixel_values"], inputs.get("image_sizes"), [0], None, None, prune=False)
-    return image_token_layout(ad, CallContext(plan=plan), 0)
+    return CallContext(plan=plan).token_layout(ad, 0)
 
 
 def test_generation_equals_hand_pruned_reference(case3):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import vlm_tools
-from vlm_tools.pruning.base import CallContext, ContextSlot
+from vlm_tools.core.method import CallContext, ContextSlot
 from vlm_tools.pruning.flowcut.config import FlowCutConfig
 from vlm_tools.testing import TinyCase
 

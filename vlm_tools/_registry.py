@@ -1,4 +1,4 @@
-"""The one place a method is registered: `@register_method("name", kind=...)` on its Pruner class."""
+"""The one place a method is registered: `@register_method("name", kind=..., config=...)` on its `Method` class."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ _METHOD_MODULES = ("vlm_tools.registers.vlm",)
 
 @dataclass(frozen=True)
 class MethodInfo:
-    """A registered method: its name, kind, Pruner class, config dataclass and one-line description."""
+    """A registered method: its name, kind, `Method` class, config dataclass and one-line description."""
 
     name: str
     kind: str
@@ -36,7 +36,7 @@ _loaded: list[bool] = []
 
 
 def register_method(name: str, *, kind: str, config: Any, description: str):
-    """Class decorator that registers a Pruner subclass under `name` (lower-case, unique)."""
+    """Class decorator that registers a `Method` subclass under `name` (lower-case, unique)."""
     if name != name.lower() or not name.replace("_", "").isalnum():
         raise ValueError(f"method names are lower-case identifiers, got {name!r}")
     if kind not in KINDS:

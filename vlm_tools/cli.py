@@ -10,7 +10,7 @@ import sys
 CLI_MODULES: tuple[str, ...] = (
     "vlm_tools.assets.cli",
     "vlm_tools.demo",
-    "vlm_tools.pruning.dominance_cli",
+    "vlm_tools.analysis.cli",
     "vlm_tools.integrations.eval_cli",
     "vlm_tools.registers.cli",
 )

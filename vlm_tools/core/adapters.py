@@ -1,8 +1,15 @@
-"""Model adapters: where the vision tower, projector and LLM of a family live, token counts, and the per-call plan.
+"""Adapters: declarative knowledge of the supported model families and ViT towers, and the per-call plan.
 
-Supported families: HF `LlavaForConditionalGeneration` (LLaVA-1.5 layout) and `LlavaNextForConditionalGeneration`
-(anyres crops, `image_newline`), each with a CLIP or DINOv2 vision tower (one CLS prefix token). All counts are read
-from the model config: grid size, prefix tokens, feature layer, number of layers.
+Two layers, one system:
+
+* **Tower adapters** (`get_tower`, `TowerAdapter`): a ViT instance of a supported family (timm `VisionTransformer`,
+  transformers `Dinov2Model`, transformers `CLIPVisionModel`; a LLaVA vision tower is one of the HF two). Module
+  paths (blocks, attention, MLP, norms, embeddings), the token layout (prefix tokens first, then the row-major patch
+  grid), static facts (`TowerSpec`), parameter-group prefixes, and reading the token sequence at a block.
+* **Model adapters** (`get_adapter`, `ModelAdapter`): HF `LlavaForConditionalGeneration` (LLaVA-1.5 layout) and
+  `LlavaNextForConditionalGeneration` (anyres crops, `image_newline`), each with a CLIP or DINOv2 vision tower (one
+  CLS prefix token, read through its tower adapter). All counts are read from the model config: grid size, prefix
+  tokens, feature layer, number of layers.
 
 Budget rule for several crops (LLaVA-NeXT): `keep` is the number of visual tokens per *image* that reach the LLM,
 newline tokens excluded, summed over the base crop and the tiles. It is split evenly across the image's crops;
@@ -14,18 +21,302 @@ anyres layout are kept, so the LLM sees `keep + rows_of_the_stitched_grid` token
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from vlm_tools.core.hooks import HookHandle
+
 __all__ = ["ModelAdapter", "LlavaAdapter", "LlavaNextAdapter", "VisionPlan", "get_adapter", "SUPPORTED_FAMILIES",
-           "split_budget"]
+           "split_budget", "TowerAdapter", "TowerSpec", "get_tower", "SUPPORTED_TOWER_FAMILIES", "IMAGENET_MEAN",
+           "IMAGENET_STD", "CLIP_MEAN", "CLIP_STD"]
 
 SUPPORTED_FAMILIES = ("LlavaForConditionalGeneration (llava)", "LlavaNextForConditionalGeneration (llava_next)")
 SUPPORTED_TOWERS = ("clip_vision_model", "dinov2")
+SUPPORTED_TOWER_FAMILIES = ("timm VisionTransformer", "transformers Dinov2Model", "transformers CLIPVisionModel")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+
+# -- ViT towers --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TowerSpec:
+    """Static facts about a supported ViT, read from the instance and its config.
+
+    Attributes:
+        family: `"timm"`, `"hf_dinov2"` or `"hf_clip"`.
+        embed_dim: token width.
+        depth: number of transformer blocks.
+        num_heads: attention heads per block.
+        patch_size: patch side in pixels (square patches).
+        image_size: native input side in pixels.
+        num_prefix_tokens: tokens before the patch tokens (CLS plus timm native registers).
+        num_native_registers: timm `reg_token` count (0 for the HF families).
+        mean: per-channel normalisation mean of the model's preprocessing.
+        std: per-channel normalisation std of the model's preprocessing.
+    """
+
+    family: str
+    embed_dim: int
+    depth: int
+    num_heads: int
+    patch_size: int
+    image_size: int
+    num_prefix_tokens: int
+    num_native_registers: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def white(self) -> tuple[float, float, float]:
+        """White (pixel value 1.0) in this model's normalised units, per channel."""
+        return tuple((1.0 - m) / s for m, s in zip(self.mean, self.std))  # type: ignore[return-value]
+
+    def to_json(self) -> dict:
+        """A JSON-serialisable dict of the fields."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class _TowerLayout:
+    """Module paths of one tower family (relative to the tower root) and its parameter-group prefixes."""
+
+    blocks: str
+    attention: str
+    norm1: str
+    norm2: str
+    mlp: str
+    mlp_act: str
+    layer_scale2: str | None
+    final_norm: str
+    pos_embed: str
+    patch_embed: str
+
+
+_LAYOUTS = {
+    "timm": _TowerLayout(blocks="blocks", attention="attn", norm1="norm1", norm2="norm2", mlp="mlp", mlp_act="act",
+                         layer_scale2="ls2", final_norm="norm", pos_embed="pos_embed", patch_embed="patch_embed."),
+    "hf_dinov2": _TowerLayout(blocks="encoder.layer", attention="attention", norm1="norm1", norm2="norm2", mlp="mlp",
+                              mlp_act="activation_fn", layer_scale2="layer_scale2", final_norm="layernorm",
+                              pos_embed="embeddings.position_embeddings", patch_embed="embeddings.patch_embeddings."),
+    "hf_clip": _TowerLayout(blocks="encoder.layers", attention="self_attn", norm1="layer_norm1", norm2="layer_norm2",
+                            mlp="mlp", mlp_act="activation_fn", layer_scale2=None, final_norm="post_layernorm",
+                            pos_embed="embeddings.position_embedding.", patch_embed="embeddings.patch_embedding."),
+}
+
+
+def _pair_to_int(value, what: str) -> int:
+    if isinstance(value, (tuple, list)):
+        if len(set(value)) != 1:
+            raise ValueError(f"non-square {what} {tuple(value)} is not supported")
+        return int(value[0])
+    return int(value)
+
+
+def tower_family(vit: nn.Module) -> str:
+    """`"timm"`, `"hf_dinov2"` or `"hf_clip"`; anything else raises a `TypeError` naming the supported towers."""
+    module = type(vit).__module__
+    if module.startswith("timm."):
+        from timm.models.vision_transformer import VisionTransformer
+
+        if isinstance(vit, VisionTransformer):
+            return "timm"
+    elif module.startswith("transformers."):
+        from transformers import CLIPVisionModel, Dinov2Model
+
+        if isinstance(vit, Dinov2Model):
+            return "hf_dinov2"
+        if isinstance(vit, CLIPVisionModel):
+            return "hf_clip"
+    raise TypeError(f"unsupported backbone {module}.{type(vit).__name__}; supported: "
+                    + ", ".join(SUPPORTED_TOWER_FAMILIES))
+
+
+def _capture_output(store: dict, module: nn.Module, args, output) -> None:
+    store["tokens"] = output[0] if isinstance(output, tuple) else output
+
+
+class TowerAdapter:
+    """Declarative access to one ViT tower instance (see `get_tower`).
+
+    Token layout: every supported tower puts its prefix tokens (CLS, and timm's native registers) first and the
+    `grid_h * grid_w` patch tokens next, row-major. Registers added by hooks (`vlm_tools.registers`) go at the END,
+    so the patch tokens are always `tokens[:, num_prefix : num_prefix + grid_h * grid_w]`.
+
+    Block convention: `block=i` is the output of block i (negative indices count from the end), the pre-final-norm
+    residual stream; `block=None` is the model's final, normalised token sequence.
+    """
+
+    def __init__(self, vit: nn.Module) -> None:
+        self.vit = vit
+        self.family = tower_family(vit)
+        self.layout = _LAYOUTS[self.family]
+        # transformers <= 4 nested the CLIP tower under `.vision_model`; 5 does not
+        self.root = getattr(vit, "vision_model", vit) if self.family == "hf_clip" else vit
+
+    def __repr__(self) -> str:
+        return f"TowerAdapter({self.family}, {type(self.vit).__name__})"
+
+    # -- static facts ------------------------------------------------------------------------------------------
+    @functools.cached_property
+    def spec(self) -> TowerSpec:
+        """The tower's `TowerSpec` (timm: mean/std from `pretrained_cfg`, ImageNet defaults when absent)."""
+        vit = self.vit
+        if self.family == "timm":
+            cfg = getattr(vit, "pretrained_cfg", None) or {}
+            return TowerSpec(family="timm", embed_dim=int(vit.embed_dim), depth=len(vit.blocks),
+                             num_heads=int(vit.blocks[0].attn.num_heads),
+                             patch_size=_pair_to_int(vit.patch_embed.patch_size, "patch size"),
+                             image_size=_pair_to_int(vit.patch_embed.img_size, "image size"),
+                             num_prefix_tokens=int(vit.num_prefix_tokens),
+                             num_native_registers=int(getattr(vit, "num_reg_tokens", 0)),
+                             mean=tuple(float(v) for v in cfg.get("mean", IMAGENET_MEAN)),
+                             std=tuple(float(v) for v in cfg.get("std", IMAGENET_STD)))
+        cfg = vit.config
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if self.family == "hf_dinov2" else (CLIP_MEAN, CLIP_STD)
+        return TowerSpec(family=self.family, embed_dim=int(cfg.hidden_size), depth=int(cfg.num_hidden_layers),
+                         num_heads=int(cfg.num_attention_heads), patch_size=_pair_to_int(cfg.patch_size, "patch size"),
+                         image_size=_pair_to_int(cfg.image_size, "image size"), num_prefix_tokens=1,
+                         num_native_registers=0, mean=mean, std=std)
+
+    # -- modules -----------------------------------------------------------------------------------------------
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks, in order."""
+        return self.root.get_submodule(self.layout.blocks)
+
+    def resolve_block(self, block: int) -> int:
+        """A possibly negative block index as a block number (raises `IndexError` when out of range)."""
+        depth = len(self.blocks)
+        idx = block + depth if block < 0 else block
+        if not 0 <= idx < depth:
+            raise IndexError(f"block index {block} out of range for a model with {depth} blocks")
+        return idx
+
+    def attention(self, block: int) -> nn.Module:
+        """The self-attention module of a block (its input is the block's post-LayerNorm hidden states)."""
+        return self.blocks[block].get_submodule(self.layout.attention)
+
+    def norm1(self, block: int) -> nn.Module:
+        """The pre-attention norm of a block."""
+        return self.blocks[block].get_submodule(self.layout.norm1)
+
+    def norm2(self, block: int) -> nn.Module:
+        """The pre-MLP norm of a block."""
+        return self.blocks[block].get_submodule(self.layout.norm2)
+
+    def mlp(self, block: int) -> tuple[nn.Linear, nn.Module, nn.Linear]:
+        """`(fc1, activation, fc2)` of a block's plain MLP (raises `TypeError` for gated / SwiGLU MLPs)."""
+        mlp = self.blocks[block].get_submodule(self.layout.mlp)
+        if not (hasattr(mlp, "fc1") and hasattr(mlp, "fc2") and hasattr(mlp, self.layout.mlp_act)):
+            raise TypeError(f"{type(mlp).__name__} is not a plain fc1 -> activation -> fc2 MLP")
+        return mlp.fc1, getattr(mlp, self.layout.mlp_act), mlp.fc2
+
+    def mlp_scale(self, block: int) -> torch.Tensor | None:
+        """The per-channel layer-scale of a block's MLP branch (DINOv2, timm `ls2`), or None."""
+        name = self.layout.layer_scale2
+        if name is None or not hasattr(self.blocks[block], name):
+            return None
+        ls = self.blocks[block].get_submodule(name)
+        return getattr(ls, "lambda1", getattr(ls, "gamma", None))
+
+    @property
+    def embeddings(self) -> nn.Module:
+        """HF: the embeddings module (patches + CLS + position embeddings); registers are appended at its output."""
+        if self.family == "timm":
+            raise TypeError("timm VisionTransformer has no separate embeddings module; it takes native registers")
+        return self.root.embeddings
+
+    @property
+    def final_norm(self) -> nn.Module:
+        """The norm applied to the final token sequence (HF CLIP: `post_layernorm`)."""
+        return self.root.get_submodule(self.layout.final_norm)
+
+    def position_rows(self) -> tuple[torch.Tensor, int]:
+        """`(rows, offset)`: the position-embedding rows `(T, D)` and the index of the first patch row in them."""
+        if self.family == "timm":
+            vit = self.vit
+            return vit.pos_embed.data[0], 0 if vit.no_embed_class else int(vit.num_prefix_tokens)
+        if self.family == "hf_dinov2":
+            return self.root.embeddings.position_embeddings.data[0], 1
+        return self.root.embeddings.position_embedding.weight.data, 1
+
+    def param_prefixes(self, group: str, blocks: Sequence[int] = ()) -> list[str]:
+        """Parameter-name prefixes (as in `vit.named_parameters()`) of a group: `pos_embed`, `patch_embed` or
+        `blocks` (the given block numbers)."""
+        root = "vision_model." if self.root is not self.vit else ""
+        if group == "pos_embed":
+            return [root + self.layout.pos_embed]
+        if group == "patch_embed":
+            return [root + self.layout.patch_embed]
+        if group == "blocks":
+            return [f"{root}{self.layout.blocks}.{i}." for i in blocks]
+        raise ValueError(f"unknown parameter group {group!r}; groups: pos_embed, patch_embed, blocks")
+
+    # -- tokens ------------------------------------------------------------------------------------------------
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid of a `height x width` input (raises `ValueError` unless both are multiples of the patch)."""
+        p = self.spec.patch_size
+        if height % p or width % p:
+            raise ValueError(f"input {height}x{width} is not a multiple of the patch size {p}")
+        return height // p, width // p
+
+    def _hf_call(self, pixel_values: torch.Tensor):
+        kwargs = {}
+        size = self.spec.image_size
+        if self.family == "hf_clip" and tuple(pixel_values.shape[-2:]) != (size, size):
+            kwargs["interpolate_pos_encoding"] = True
+        return self.vit(pixel_values=pixel_values, return_dict=True, **kwargs)
+
+    def tokens(self, pixel_values: torch.Tensor, block: int | None = None) -> torch.Tensor:
+        """The full token sequence `(B, T, D)` at `block` (registers attached by hooks included at the end).
+
+        Args:
+            pixel_values: `(B, 3, H, W)` normalised images.
+            block: block whose output (pre-final-norm residual stream) is returned; None for the final normalised
+                sequence (HF CLIP: `post_layernorm` applied to every token, as OpenAI CLIP's `ln_post`).
+        """
+        if block is None:
+            if self.family == "timm":
+                return self.vit.forward_features(pixel_values)
+            out = self._hf_call(pixel_values)
+            if self.family == "hf_dinov2":
+                return out.last_hidden_state
+            return self.final_norm(out.last_hidden_state)
+        target = self.blocks[self.resolve_block(block)]
+        store: dict = {}
+        with HookHandle("tower.tokens") as handle:
+            handle.forward_hook(target, functools.partial(_capture_output, store))
+            if self.family == "timm":
+                self.vit.forward_features(pixel_values)
+            else:
+                self._hf_call(pixel_values)
+        if "tokens" not in store:
+            raise RuntimeError(f"block {block} did not run during the forward pass")
+        return store["tokens"]
+
+    def patch_tokens(self, pixel_values: torch.Tensor, block: int | None = None) -> torch.Tensor:
+        """Patch tokens `(B, grid_h * grid_w, D)` at `block` (see `tokens`)."""
+        gh, gw = self.grid(pixel_values.shape[-2], pixel_values.shape[-1])
+        tokens = self.tokens(pixel_values, block)
+        start = self.spec.num_prefix_tokens
+        if tokens.shape[1] < start + gh * gw:
+            raise RuntimeError(f"expected at least {start + gh * gw} tokens, got {tokens.shape[1]}")
+        return tokens[:, start:start + gh * gw]
+
+
+def get_tower(vit: nn.Module) -> TowerAdapter:
+    """The tower adapter of a supported ViT instance; anything else raises a `TypeError` naming the supported ones."""
+    return TowerAdapter(vit)
+
+
+# -- model families ----------------------------------------------------------------------------------------------
 
 @dataclass
 class VisionPlan:
@@ -98,6 +389,7 @@ class ModelAdapter(ABC):
             raise ValueError(f"vision_feature_layer={cfg.vision_feature_layer!r}: only a single feature layer (an int)"
                              " is supported")
         self.tower_type = vcfg.model_type
+        self.tower = TowerAdapter(self.vision_tower)
         self.n_prefix = 1  # CLIP and DINOv2: one CLS token, no registers
         self.patch_size = vcfg.patch_size
         side = vcfg.image_size // vcfg.patch_size
@@ -137,14 +429,11 @@ class ModelAdapter(ABC):
 
     @property
     def vision_layers(self) -> nn.ModuleList:
-        if self.tower_type == "clip_vision_model":
-            return getattr(self.vision_tower, "vision_model", self.vision_tower).encoder.layers
-        return self.vision_tower.encoder.layer
+        return self.tower.blocks
 
     def vision_attention(self, block: int) -> nn.Module:
         """The attention module of a vision block; its input is the block's post-LayerNorm hidden states."""
-        layer = self.vision_layers[block]
-        return layer.self_attn if self.tower_type == "clip_vision_model" else layer.attention
+        return self.tower.attention(block)
 
     @property
     def keeps_cls(self) -> bool:

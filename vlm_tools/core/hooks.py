@@ -11,7 +11,6 @@ import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import torch
 from torch import nn
 
 __all__ = ["HookHandle", "find_hooks", "hook_snapshot", "mark", "attach_guarded", "hook_dicts", "marked_ids",
@@ -149,11 +148,3 @@ def attach_guarded(name: str, register: Callable[[HookHandle], None]) -> HookHan
         raise
     return handle
 
-
-def input_hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The `hidden_states` argument of a module call seen by a `with_kwargs=True` pre-hook."""
-    if args:
-        return args[0]
-    if "hidden_states" in kwargs:
-        return kwargs["hidden_states"]
-    raise RuntimeError("hooked module was called without hidden_states")

@@ -8,7 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_bytes_atomic", "write_text_atomic", "write_json_atomic"]
+__all__ = ["write_bytes_atomic", "write_text_atomic", "write_json_atomic", "pyplot", "figure_png", "write_figure",
+           "png_data_uri"]
 
 
 def write_bytes_atomic(path: str | Path, data: bytes, mode: int = 0o644) -> Path:
@@ -38,3 +39,42 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 def write_json_atomic(path: str | Path, obj: Any, **dumps_kwargs: Any) -> Path:
     """`write_bytes_atomic` for `json.dumps(obj, **dumps_kwargs)` plus a final newline."""
     return write_text_atomic(path, json.dumps(obj, **dumps_kwargs) + "\n")
+
+
+def pyplot():
+    """`matplotlib.pyplot` with the non-interactive Agg backend (matplotlib is optional: a clear error if missing).
+
+    Text drawn from user input should go through `plain_text` (no mathtext): matplotlib parses `$...$` otherwise.
+    """
+    try:
+        import matplotlib
+    except ImportError as exc:  # optional dependency
+        raise ImportError("plotting needs matplotlib: pip install matplotlib (or vlm_tools[dev])") from exc
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure_png(fig, dpi: int = 120) -> bytes:
+    """Render a matplotlib figure to PNG bytes and close it."""
+    import io
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        pyplot().close(fig)
+    return buf.getvalue()
+
+
+def write_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Write a matplotlib figure as a PNG, atomically, and close it."""
+    return write_bytes_atomic(path, figure_png(fig, dpi))
+
+
+def png_data_uri(png: bytes) -> str:
+    """`data:image/png;base64,...` for inlining a PNG in a self-contained HTML report."""
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")

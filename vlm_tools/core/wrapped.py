@@ -4,6 +4,14 @@ The prepare step (see DESIGN.md): the vision tower and projector run with the me
 placeholder run in `input_ids` (and `attention_mask`, `labels`) shrinks to the kept count and the batch is
 re-padded on its padding side; the kept features go to the base model's own `forward`/`generate` as pre-encoded
 `mm_encoder_outputs`, which the model scatters into the placeholders. The base model is never modified.
+
+`WrappedModel` is module-like without being an `nn.Module`: `.to()`, `.eval()`, `.train()`, `.cuda()`, `.cpu()`,
+`.float()` / `.half()` / `.bfloat16()` and `.requires_grad_()` act on the base model and return the wrapper (so
+`w = w.eval().to("cuda")` keeps the pruning); every other attribute (`parameters`, `named_modules`, `state_dict`,
+`save_pretrained`, `device`, `dtype`, `config`, `generation_config`, ...) is the base model's own. It is not an
+`nn.Module` on purpose: a Module would register the base model as a child, so `state_dict()` / `named_modules()`
+keys would gain a prefix and checkpoints written from the wrapper would not load into the base class, and torch
+would treat the wrapper as a second owner of the same parameters.
 """
 
 from __future__ import annotations
@@ -20,10 +28,13 @@ from torch import nn
 
 from vlm_tools.core.adapters import ModelAdapter, get_adapter
 from vlm_tools.core.hooks import HookHandle, find_hooks, marked_ids, remove_marked_since
+from vlm_tools.core.method import CallContext, ContextSlot, Method, TokenRecord, all_rows, current_index
 from vlm_tools.core.tokens import assign_images, padding_side, shrink_placeholders
-from vlm_tools.pruning.base import CallContext, ContextSlot, Pruner, all_rows, current_index
 
 __all__ = ["WrappedModel", "Trace", "SampleTrace", "wrap", "attached", "build_methods"]
+
+# Module methods that act on the base model in place and return the module: the wrapper returns itself instead.
+_CHAINABLE = ("to", "eval", "train", "cuda", "cpu", "float", "half", "bfloat16", "double", "requires_grad_")
 
 
 @dataclass
@@ -46,14 +57,17 @@ class SampleTrace:
 class Trace:
     """Record of the last wrapped call: per-sample traces, per-layer token counts and prefill wall time.
 
-    `grid` is the patch grid `(rows, cols)` of one crop in this call (kept indices refer to it).
+    `grid` is the patch grid `(rows, cols)` of one crop in this call (kept indices refer to it). `layer_tokens` are
+    `TokenRecord(where, tokens)` pairs (see `vlm_tools.core.method.TokenRecord` for the label scheme). `extra`
+    holds `"scores"`: the selecting method's `(rows, T)` fp32 scores of the patch tokens it chose from, when it has
+    any.
     """
 
     method: str
     samples: list[SampleTrace]
     prefill_ms: float
     grid: tuple[int, int] | None = None
-    layer_tokens: list[tuple[str, list[int]]] = field(default_factory=list)
+    layer_tokens: list[TokenRecord] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -92,12 +106,12 @@ def _prefill_hook(module, args, output, slot: ContextSlot) -> None:
         ctx.prefill_end = time.perf_counter()
 
 
-def build_methods(method: str | Pruner | list, config: dict) -> list[Pruner]:
+def build_methods(method: str | Method | list, config: dict) -> list[Method]:
     """Instantiate the method(s) of a wrap call.
 
-    `method` is a registered name (with `config` as its keyword arguments), a Pruner instance, or a list of
-    `(name, config_dict)` pairs / Pruner instances to stack (at most one token-selecting method; modifiers such as
-    `registers` first).
+    `method` is a registered name (with `config` as its keyword arguments), a `Method` instance, or a list of
+    `(name, config_dict)` pairs / instances to stack (at most one pruning method; modifiers such as `registers`
+    first).
     """
     from vlm_tools._registry import get_method
 
@@ -105,29 +119,26 @@ def build_methods(method: str | Pruner | list, config: dict) -> list[Pruner]:
         if config:
             raise TypeError("pass per-method configs inside the list when stacking methods")
         items = method
-    elif isinstance(method, Pruner):
+    elif isinstance(method, Method):
         if config:
-            raise TypeError("a Pruner instance carries its own config; pass no keyword arguments")
+            raise TypeError("a Method instance carries its own config; pass no keyword arguments")
         items = [method]
     else:
         items = [(method, config)]
-    out: list[Pruner] = []
+    out: list[Method] = []
     for item in items:
-        if isinstance(item, Pruner):
+        if isinstance(item, Method):
             out.append(item)
             continue
         if isinstance(item, str):
             item = (item, {})
         name, cfg = item
         if not isinstance(name, str):
-            raise TypeError(f"method must be a registered name or a Pruner, got {type(name).__name__}")
+            raise TypeError(f"method must be a registered name or a Method, got {type(name).__name__}")
         info = get_method(name)
-        try:
-            conf = info.config_cls(**cfg)
-        except TypeError as exc:
-            names = sorted(f for f in info.config_cls.__dataclass_fields__)
-            raise TypeError(f"bad config for method {name!r}: {exc}; valid fields: {', '.join(names)}") from None
-        out.append(info.cls(conf))
+        if info.kind not in ("vision", "projector", "llm", "modifier"):
+            raise TypeError(f"{name!r} is a {info.kind} method; only pruning methods and modifiers wrap a model")
+        out.append(info.cls(info.config_cls.from_dict(cfg, method=name)))
     if not out:
         raise ValueError("no method given")
     acting = [m for m in out if m.kind != "modifier"]
@@ -143,7 +154,7 @@ class WrappedModel:
     Use `vlm_tools.wrap(model, "cls_topk", keep=64)`; `unwrap()` removes every hook and returns the same model.
     """
 
-    def __init__(self, model: nn.Module, methods: list[Pruner]) -> None:
+    def __init__(self, model: nn.Module, methods: list[Method]) -> None:
         leftover = find_hooks(model)
         if leftover:
             raise RuntimeError(f"this model is already wrapped by vlm_tools (hooks on {leftover[0][0] or 'root'}); "
@@ -169,14 +180,21 @@ class WrappedModel:
 
     # -- public API ------------------------------------------------------------------------------------------
     @property
-    def method(self) -> Pruner:
+    def method(self) -> Method:
         """The acting method (the last non-modifier), or the last modifier when only modifiers are stacked."""
         acting = [m for m in self.methods if m.kind != "modifier"]
         return (acting or self.methods)[-1]
 
     @property
-    def selector(self) -> Pruner | None:
+    def selector(self) -> Method | None:
+        """The method that selects the visual tokens before the LLM, if any."""
         return next((m for m in self.methods if m.selects), None)
+
+    @property
+    def context(self) -> CallContext | None:
+        """The per-call context of the call in progress (None between calls): for analysis tools whose hooks run
+        inside a wrapped call and need the typed fields (e.g. `lm_keep`, the LLM-side kept layout)."""
+        return self._slot.ctx
 
     @property
     def is_wrapped(self) -> bool:
@@ -202,13 +220,18 @@ class WrappedModel:
 
     def __repr__(self) -> str:
         state = "attached" if self.is_wrapped else "unwrapped"
-        return f"WrappedModel({type(self.model).__name__}, methods={self.methods}, {state})"
+        methods = " + ".join(repr(m) for m in self.methods)
+        return f"WrappedModel({type(self.model).__name__}, {methods}, {state})"
 
     def __getattr__(self, name: str):
-        # delegate read-only conveniences (config, device, dtype, generation_config) to the base model
-        if name in ("config", "device", "dtype", "generation_config", "name_or_path"):
-            return getattr(self.__dict__["model"], name)
-        raise AttributeError(name)
+        # only called for names the wrapper does not have: the base model's own (see the module docstring)
+        model = self.__dict__.get("model")
+        if model is None or (name.startswith("__") and name.endswith("__")):
+            raise AttributeError(name)
+        attr = getattr(model, name)
+        if name in _CHAINABLE:
+            return functools.partial(_chain, self, attr)
+        return attr
 
     def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -269,9 +292,8 @@ class WrappedModel:
         param = next(tower.parameters())
         pixel_values = pixel_values.to(param.device, param.dtype)
         sel = self.selector
-        cfg = getattr(sel, "config", None)
-        rows, plan = ad.plan(pixel_values, image_sizes, [], getattr(cfg, "keep", None), getattr(cfg, "ratio", None),
-                             prune=sel is not None)
+        keep, ratio = (sel.budget if sel is not None else None) or (None, None)
+        rows, plan = ad.plan(pixel_values, image_sizes, [], keep, ratio, prune=sel is not None)
         before = ad.tokens_per_image(plan)
         image_sample, spans = assign_images(input_ids, attention_mask, ad.image_token_id, before)
         plan.image_sample = image_sample
@@ -299,7 +321,7 @@ class WrappedModel:
         else:
             flat = proj(torch.cat(gathered)[None])[0]
             projected = list(torch.split(flat, [g.shape[0] for g in gathered]))
-        ctx.layer_tokens.append(("projector", counts))
+        ctx.record_tokens("projector", counts)
         feats = ad.pack(projected, kept, plan)
         after = [f.shape[0] for f in feats]
 
@@ -350,23 +372,27 @@ class WrappedModel:
                 rws = plan.image_rows[img]
                 kept_imgs.append(torch.cat([ctx.kept[r].cpu() + j * plan.n_patches for j, r in enumerate(rws)]))
             tb = sum(before[i] for i in imgs)
-            ta = sum(after[i] for i in imgs)
-            if ctx.llm_kept is not None and "tokens_after" in ctx.state:
-                ta = ctx.state["tokens_after"][s]
+            ta = ctx.tokens_after[s] if ctx.tokens_after is not None else sum(after[i] for i in imgs)
             samples.append(SampleTrace(kept=kept_imgs, tokens_before=tb, tokens_after=ta))
         extra = {}
-        if isinstance(ctx.state.get("scores"), torch.Tensor):
-            extra["scores"] = ctx.state["scores"].detach().float().cpu()  # per vision row, over current patches
+        if ctx.scores is not None:
+            extra["scores"] = ctx.scores.detach().float().cpu()  # per vision row, over current patches
         return Trace(method="+".join(m.name for m in self.methods), samples=samples, prefill_ms=prefill_ms,
                      grid=plan.grid if plan is not None else None, layer_tokens=list(ctx.layer_tokens), extra=extra)
 
 
-def wrap(model: nn.Module, method: str | Pruner | list = "cls_topk", **config) -> WrappedModel:
+def _chain(wrapper: WrappedModel, fn, *args, **kwargs) -> WrappedModel:
+    """Run a base-model method that returns the module (`.to()`, `.eval()`, ...) and return the wrapper instead."""
+    fn(*args, **kwargs)
+    return wrapper
+
+
+def wrap(model: nn.Module, method: str | Method | list = "cls_topk", **config) -> WrappedModel:
     """Wrap a supported HF LLaVA / LLaVA-NeXT model with a registered method.
 
     Args:
         model: `LlavaForConditionalGeneration` or `LlavaNextForConditionalGeneration` (CLIP or DINOv2 tower).
-        method: a registered method name (see `vlm_tools.list_methods()`), a Pruner, or a list of
+        method: a registered method name (see `vlm_tools.list_methods()`), a `Method`, or a list of
             `(name, config)` pairs to stack (modifiers such as `registers` plus at most one pruning method).
         **config: the method's config fields, e.g. `keep=64` or `ratio=0.75`.
 
@@ -380,7 +406,7 @@ def wrap(model: nn.Module, method: str | Pruner | list = "cls_topk", **config) -
 
 
 @contextmanager
-def attached(model: nn.Module, method: str | Pruner | list = "cls_topk", **config) -> Iterator[WrappedModel]:
+def attached(model: nn.Module, method: str | Method | list = "cls_topk", **config) -> Iterator[WrappedModel]:
     """Temporary form of `wrap`: the wrapper is removed when the block exits, also on an exception."""
     wrapped = wrap(model, method, **config)
     try:

@@ -32,8 +32,9 @@ from torch import nn
 
 from vlm_tools._registry import register_method
 from vlm_tools.core.adapters import ModelAdapter
+from vlm_tools.core.config import MethodConfig
 from vlm_tools.core.hooks import HookHandle
-from vlm_tools.pruning.base import ContextSlot, Pruner
+from vlm_tools.core.method import ContextSlot, Modifier
 
 from . import backbones
 from .student import (
@@ -53,7 +54,7 @@ _ACTIVE = "registers_active"
 
 
 @dataclass(frozen=True)
-class RegistersConfig:
+class RegistersConfig(MethodConfig):
     """Config of ``registers``.
 
     Attributes:
@@ -131,16 +132,12 @@ _TOWER_FAMILY = {"dinov2": "hf_dinov2", "clip_vision_model": "hf_clip"}
 
 @register_method("registers", kind="modifier", config=RegistersConfig,
                  description="PH-Reg: run the vision tower with distilled registers and weights (stack with a pruner)")
-class RegistersModifier(Pruner):
+class RegistersModifier(Modifier):
     """Applies a distilled register student to the LLaVA vision tower during wrapped calls."""
 
     def __init__(self, config: RegistersConfig) -> None:
         super().__init__(config)
         self._export: tuple[dict, dict[str, torch.Tensor]] | None = None
-
-    @property
-    def selects(self) -> bool:
-        return False
 
     def _load(self) -> tuple[dict, dict[str, torch.Tensor]]:
         if self._export is None:

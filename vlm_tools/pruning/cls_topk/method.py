@@ -22,9 +22,9 @@ class ClsTopK(Pruner):
     """FasterVLM [CLS]-attention pruning before the projector."""
 
     def attach(self, model, adapter, slot):
-        hook = functools.partial(cls_row_hook, slot=slot, head_dim=adapter.head_dim, key="scores")
+        hook = functools.partial(cls_row_hook, slot=slot)
         return attach_guarded(self.name, lambda h: h.forward_pre_hook(adapter.vision_attention(adapter.feature_block),
                                                                       hook, with_kwargs=True))
 
     def select(self, features, ctx, adapter):
-        return topk_rows(ctx.state["scores"], ctx)
+        return topk_rows(ctx.scores, ctx)

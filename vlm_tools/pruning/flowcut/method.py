@@ -38,7 +38,8 @@ import torch
 from vlm_tools._registry import register_method
 from vlm_tools.core.adapters import LlavaNextAdapter, VisionPlan
 from vlm_tools.core.hooks import HookHandle
-from vlm_tools.pruning.base import ContextSlot, Pruner, all_rows
+from vlm_tools.core.method import ContextSlot, all_rows
+from vlm_tools.pruning.base import Pruner
 from vlm_tools.pruning.flowcut import llm as llm_stage
 from vlm_tools.pruning.flowcut.config import FlowCutConfig
 from vlm_tools.pruning.flowcut.tower import (
@@ -143,13 +144,11 @@ class FlowCut(Pruner):
         events = dict(st.events)
         for block in range(adapter.n_layers):
             counts = events.get(block, counts)
-            ctx.layer_tokens.append((f"vision.{block}", list(counts)))
+            ctx.record_tokens(f"vision.{block}", counts)
         if st.cum is not None:
-            ctx.state["scores"] = st.cum
+            ctx.scores = st.cum
         kept = []
         for r in range(plan.n_rows):
             idx = st.index[r, : int(st.n[r])]
             kept.append(idx[plan.valid[r].to(idx.device)[idx]])
-        if self._two_stage(adapter):
-            llm_stage.prepare(ctx, adapter, kept)
         return kept

@@ -33,9 +33,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from vlm_tools.core.hooks import input_hidden_states
-from vlm_tools.pruning.attention import project_heads
-from vlm_tools.pruning.base import CallContext, ContextSlot
+from vlm_tools.core.attention import input_hidden_states, split_heads, vit_project, vit_scale
+from vlm_tools.core.method import CallContext, ContextSlot
 
 __all__ = [
     "EMA",
@@ -122,11 +121,10 @@ def information_flow(attn: nn.Module, hidden: torch.Tensor, head_dim: int, n_pre
         `(relation, score)`, both `(rows, n_slots)` fp32: the head-mean CLS attention `a` and
         `S = (a / sum a + s / sum s) * ||mean_h v||_1`; padding slots hold 0.
     """
-    q = project_heads(attn.q_proj, hidden[:, :1], head_dim)  # (rows, H, 1, d)
-    k = _heads(keys, head_dim) if keys is not None else project_heads(attn.k_proj, hidden, head_dim)  # (rows,H,L,d)
-    v = _heads(values, head_dim) if values is not None else project_heads(attn.v_proj, hidden, head_dim)
-    scale = getattr(attn, "scale", getattr(attn, "scaling", head_dim ** -0.5))
-    rel_logits = (q @ k.transpose(-1, -2)) * scale  # (rows, H, 1, L)
+    q = vit_project(attn, hidden[:, :1], "q")  # (rows, H, 1, d)
+    k = split_heads(keys, head_dim) if keys is not None else vit_project(attn, hidden, "k")  # (rows, H, L, d)
+    v = split_heads(values, head_dim) if values is not None else vit_project(attn, hidden, "v")
+    rel_logits = (q @ k.transpose(-1, -2)) * vit_scale(attn)  # (rows, H, 1, L)
     sem_logits = v[:, :, :1] @ v.transpose(-1, -2)  # unscaled, as the official code
     if key_mask is not None:
         pad = ~key_mask[:, None, None, :]
@@ -140,11 +138,6 @@ def information_flow(attn: nn.Module, hidden: torch.Tensor, head_dim: int, n_pre
     if key_mask is not None:
         score = score.masked_fill(~key_mask[:, patches], 0.0)
     return relation, score
-
-
-def _heads(y: torch.Tensor, head_dim: int) -> torch.Tensor:
-    rows, length, _ = y.shape
-    return y.float().view(rows, length, -1, head_dim).transpose(1, 2)
 
 
 def removal_count(relation: torch.Tensor, n: torch.Tensor, target: torch.Tensor, rpl: int) -> torch.Tensor:

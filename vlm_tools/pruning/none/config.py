@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vlm_tools.core.config import MethodConfig
+
 
 @dataclass(frozen=True)
-class NoneConfig:
+class NoneConfig(MethodConfig):
     """The unpruned reference takes no budget."""
-
-    def to_dict(self) -> dict:
-        return {}

@@ -10,7 +10,7 @@ from vlm_tools.pruning.none.config import NoneConfig
 @register_method("none", kind="vision", config=NoneConfig,
                  description="unpruned reference through the same code path (all visual tokens kept)")
 class NoPruning(Pruner):
-    """Keeps every visual token."""
+    """Keeps every visual token (selects nothing: the core keeps every row)."""
 
     @property
     def selects(self) -> bool:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from vlm_tools._registry import register_method
-from vlm_tools.pruning.base import Pruner, current_index, row_seed
+from vlm_tools.core.method import current_index
+from vlm_tools.pruning.base import Pruner, row_seed
 from vlm_tools.pruning.random.config import RandomConfig
 
 

@@ -20,9 +20,6 @@ from vlm_tools.pruning.attention import cls_row_hook
 from vlm_tools.pruning.base import Pruner, topk_rows
 from vlm_tools.pruning.vtc_cls.config import VtcClsConfig
 
-_KEY = "vtc_cls"
-
-
 @register_method("vtc_cls", kind="vision", config=VtcClsConfig,
                  description="VTC-CLS: top-k patches by [CLS] attention summed over the last vision blocks")
 class VtcCls(Pruner):
@@ -33,7 +30,7 @@ class VtcCls(Pruner):
 
     def attach(self, model, adapter, slot):
         start, end = self.config.block_range(adapter.n_layers)
-        hook = functools.partial(cls_row_hook, slot=slot, head_dim=adapter.head_dim, key=_KEY)
+        hook = functools.partial(cls_row_hook, slot=slot)
 
         def register(handle):
             for block in range(start, end + 1):
@@ -42,6 +39,4 @@ class VtcCls(Pruner):
         return attach_guarded(self.name, register)
 
     def select(self, features, ctx, adapter):
-        scores = ctx.state[_KEY]
-        ctx.state["scores"] = scores
-        return topk_rows(scores, ctx)
+        return topk_rows(ctx.scores, ctx)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vlm_tools.pruning.base import BudgetConfig
+from vlm_tools.core.config import BudgetConfig
 
 ESTIMATORS = ("zeroth_order", "jacobian")
 

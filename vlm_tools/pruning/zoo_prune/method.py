@@ -20,7 +20,8 @@ from torch import nn
 
 from vlm_tools._registry import register_method
 from vlm_tools.core.adapters import ModelAdapter
-from vlm_tools.pruning.base import CallContext, Pruner, current_index
+from vlm_tools.core.method import CallContext, current_index
+from vlm_tools.pruning.base import Pruner
 from vlm_tools.pruning.zoo_prune.config import ZooPruneConfig
 from vlm_tools.pruning.zoo_prune.scores import (
     jacobian_gram,
@@ -116,5 +117,5 @@ class ZooPrune(Pruner):
             picked = sads_select(s, z, k)
             scores[r, cand.cpu()] = s.cpu()
             out.append(idx[r, cand[picked.to(cand.device)]].sort().values)
-        ctx.state["scores"] = scores
+        ctx.scores = scores
         return out

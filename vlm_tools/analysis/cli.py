@@ -16,32 +16,10 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import Any
 
-__all__ = ["register_cli", "load_model"]
+from vlm_tools.loading import cli_prompt, load_model
 
-
-def load_model(spec: str, dtype: str = "float32") -> tuple[Any, Any]:
-    """`(model, processor)` for `--model`: "default" (the embedded default VLM), "tiny" / "tiny_next" (random tiny
-    models for smoke tests) or an HF LLaVA / LLaVA-NeXT folder."""
-    import torch
-
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    if spec == "default":
-        from vlm_tools.assets.default_model import load_default
-
-        return load_default(dtype=torch_dtype)
-    if spec in ("tiny", "tiny_next"):
-        from vlm_tools.core.models import build_tiny_llava
-
-        return build_tiny_llava("llava" if spec == "tiny" else "llava_next")
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    path = Path(spec)
-    if not path.exists():
-        raise FileNotFoundError(f"--model {spec!r}: no such folder (use 'default', 'tiny' or an HF model folder)")
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype).eval()
-    return model, AutoProcessor.from_pretrained(path)
+__all__ = ["register_cli"]
 
 
 def _floats(text: str) -> list[float]:
@@ -58,21 +36,11 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _prompt(spec: str, processor: Any, prompt: str) -> str:
-    if spec == "default":
-        from vlm_tools.assets.default_model import IMAGE_TOKEN, format_prompt
-
-        if IMAGE_TOKEN not in prompt:
-            return format_prompt(processor, prompt)
-    if spec in ("tiny", "tiny_next") and "<image>" not in prompt:
-        return f"<image> {prompt}"
-    return prompt
-
-
 def _cmd_dominance(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from vlm_tools.pruning.dominance import dominance, plot_comparison
+    from vlm_tools.analysis import dominance, plot_comparison
+    from vlm_tools.core.io import write_bytes_atomic
 
     if args.ratios and args.keep:
         raise SystemExit("give --ratios or --keep, not both")
@@ -84,7 +52,7 @@ def _cmd_dominance(args: argparse.Namespace) -> int:
         raise SystemExit("--boundaries takes two layer indices a,b (early [0,a), middle [a,b), late [b,L))")
     model, processor = load_model(args.model, args.dtype)
     image = Image.open(args.image).convert("RGB")
-    prompt = _prompt(args.model, processor, args.prompt)
+    prompt = cli_prompt(args.model, processor, args.prompt)
     common = {"max_new_tokens": args.max_new_tokens,
               "boundaries": tuple(args.boundaries) if args.boundaries else None}
     runs: list[tuple[str, dict]] = [("base", {})]
@@ -99,8 +67,6 @@ def _cmd_dominance(args: argparse.Namespace) -> int:
               + f"  | {reports[label].generated_text!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from vlm_tools.pruning.dominance import write_bytes_atomic
-
     payload = {"model": args.model, "image": str(args.image), "prompt": prompt,
                "runs": [{"label": k, **v.to_dict()} for k, v in reports.items()]}
     write_bytes_atomic(out / "dominance.json", json.dumps(payload, indent=2).encode())
