@@ -42,8 +42,10 @@ def write_section(name: str, title: str, body: str, dtype: str | None = None, pa
     """
     if not re.fullmatch(r"[a-z0-9_\-]+", name):
         raise ValueError(f"section names are lower-case words, got {name!r}")
-    cmd = "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix().split("/work/")[-1],
-                                                          *sys.argv[1:]])
+    script = Path(sys.argv[0]).resolve()
+    root = Path(__file__).resolve().parent.parent
+    shown = script.relative_to(root).as_posix() if script.is_relative_to(root) else script.name
+    cmd = "python " + " ".join(shlex.quote(a) for a in [shown, *sys.argv[1:]])
     stamp = datetime.date.today().isoformat()
     block = (f"<!-- results:{name}:begin -->\n## {title}\n\n```\n{cmd}\n```\n\nMeasured {stamp} on: "
              f"{machine_line(dtype)}.\n\n{body.strip()}\n<!-- results:{name}:end -->")
