@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from vlm_tools.core.config import cast_value
 from vlm_tools.integrations.model_args import (
     DistInfo,
-    cast_value,
     format_model_args,
     parse_model_args,
     resolve_device,
@@ -184,8 +184,12 @@ CONTEXTS = ["what is in the image ?", "is there a cat in the picture ? answer ye
 ANSWERS = ["a cat", "yes", "red circle", "two"]
 
 
+def _visual(doc):
+    return [doc["image"]]
+
+
 def _ll_requests():
-    visual = lambda doc: [doc["image"]]
+    visual = _visual
     return [_Req(c, a, visual, i, "t", "test") for i, (c, a) in enumerate(zip(CONTEXTS, ANSWERS))]
 
 

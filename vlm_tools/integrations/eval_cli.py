@@ -61,8 +61,8 @@ def register_cli(subparsers: Any) -> None:
 
 
 def spec_from_args(args: argparse.Namespace):
-    """The grid from `--config` (if any) with the flags that were given on top."""
-    from vlm_tools.integrations.grid import GridSpec, load_grid_yaml, parse_methods, parse_number_list
+    """The grid from `--config` (if any) with the flags that were given on top (flags win)."""
+    from vlm_tools.integrations.grid import load_grid_yaml, spec_from_dict
 
     data: dict[str, Any] = load_grid_yaml(args.config) if args.config else {}
     flags = {"model": args.model, "methods": args.methods, "keep": args.keep, "ratio": args.ratio,
@@ -83,19 +83,7 @@ def spec_from_args(args: argparse.Namespace):
         data["include_path"] = list(data.get("include_path") or []) + extra
     if args.no_baseline:
         data["baseline"] = False
-    limit = data.get("limit")
-    if isinstance(limit, float) and limit >= 1:
-        if not limit.is_integer():
-            raise ValueError(f"limit is a document count (>= 1) or a fraction (< 1), got {limit}")
-        data["limit"] = int(limit)
-    tasks = data.get("tasks")
-    data["tasks"] = [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else list(tasks or [])
-    data["methods"] = parse_methods(data.get("methods"))
-    data["keep"] = parse_number_list(data.get("keep"), int)
-    data["ratio"] = parse_number_list(data.get("ratio"), float)
-    data["metrics"] = dict(data.get("metrics") or {})
-    data.setdefault("model", "")
-    return GridSpec(**data)
+    return spec_from_dict(data)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -287,7 +275,8 @@ def _evaluate(spec, plan: list, task_manager: Any, out: Path, dist: Any, stream:
     from lmms_eval.utils import get_datetime_str
     from tqdm import tqdm
 
-    from vlm_tools.integrations.grid import summarize_task, write_json_atomic
+    from vlm_tools.core.io import write_json_atomic
+    from vlm_tools.integrations.grid import summarize_task
     from vlm_tools.integrations.lmms_eval import VlmToolsModel, load_pretrained
     from vlm_tools.integrations.model_args import format_model_args, parse_model_args, resolve_device
 
@@ -333,7 +322,7 @@ def _evaluate(spec, plan: list, task_manager: Any, out: Path, dist: Any, stream:
                       "results_file": str(results_file), "wall_s": wall, "date": results["date"],
                       "lmms_eval_version": _version("lmms_eval"), "world_size": dist.world_size,
                       "fingerprint": spec.fingerprint(run, task)}
-            write_json_atomic(cell_path(out, run.run_id, task), record)
+            write_json_atomic(cell_path(out, run.run_id, task), record, indent=2, default=str)
     bar.close()
     return ran
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 import re
@@ -20,8 +19,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from vlm_tools.core import io as atomic
-from vlm_tools.integrations.model_args import method_fields, validate_method
+from vlm_tools.core.config import ConfigError, cast_value, config_fields
+from vlm_tools.integrations.model_args import cast_method_kwargs, method_fields, validate_method
 
 __all__ = [
     "BASELINE",
@@ -38,9 +40,9 @@ __all__ = [
     "primary_metric",
     "render_csv",
     "render_markdown",
+    "spec_from_dict",
     "spec_to_dict",
     "summarize_task",
-    "write_json_atomic",
     "write_table",
 ]
 
@@ -229,23 +231,27 @@ class GridSpec:
                 "assistant_prefix": self.assistant_prefix}
 
 
-def parse_number_list(text: str | Sequence | None, kind: type) -> list:
-    """`"64,128"` or `[64, 128]` -> `[64, 128]` (cast with `kind`)."""
+def parse_number_list(text: str | Sequence | None, kind: type, name: str = "value") -> list:
+    """`"64,128"` or `[64, 128]` -> `[64, 128]` (each item cast to `kind` by the core config parser)."""
     if text is None or text == "":
         return []
     items = text if isinstance(text, (list, tuple)) else str(text).split(",")
-    out = []
-    for item in items:
-        try:
-            value = kind(item.strip()) if isinstance(item, str) else kind(item)
-        except (TypeError, ValueError):
-            raise ValueError(f"expected a comma-separated list of {kind.__name__} values, got {text!r}") from None
-        out.append(value)
-    return out
+    try:
+        return [cast_value(item.strip() if isinstance(item, str) else item, kind, name) for item in items]
+    except ConfigError:
+        raise ValueError(f"{name}: expected a comma-separated list of {kind.__name__} values, got {text!r}") from None
 
 
 def parse_methods(value: str | Sequence | None) -> list[MethodSpec]:
-    """Methods from `"cls_topk,random:seed=1"` (flags) or a YAML list of names / `{name: random, seed: 1}` maps."""
+    """Methods from `"cls_topk,random:seed=1"` (flags) or a YAML list of names / `{name: random, seed: 1}` maps.
+
+    Each value is cast to its config field's type by the core config parser, so `seed=1` and `seed='1'` are the
+    same method spec (the budget is checked later, per run, by `GridSpec.validate`).
+
+    Raises:
+        ValueError: an unknown method or field, a value of the wrong type, an entry without a name, a `key=value`
+            pair without `=`, or a key given twice.
+    """
     if value is None or value == "":
         return []
     items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
@@ -256,31 +262,44 @@ def parse_methods(value: str | Sequence | None) -> list[MethodSpec]:
             name = item.pop("name", None)
             if not name:
                 raise ValueError(f"a method entry needs name:, got {item}")
-            specs.append(MethodSpec(str(name), tuple(sorted(item.items()))))
-            continue
-        name, *pairs = str(item).strip().split(":")
-        kwargs = {}
-        for pair in pairs:
-            if "=" not in pair:
-                raise ValueError(f"method arguments are name:key=value[:key=value], got {item!r}")
-            k, v = pair.split("=", 1)
-            kwargs[k.strip()] = _yaml_scalar(v.strip())
-        specs.append(MethodSpec(name.strip(), tuple(sorted(kwargs.items()))))
+            name, kwargs = str(name), item
+        else:
+            name, *pairs = (x.strip() for x in str(item).strip().split(":"))
+            kwargs = {}
+            for pair in pairs:
+                if "=" not in pair:
+                    raise ValueError(f"method arguments are name:key=value[:key=value], got {item!r}")
+                k, v = (x.strip() for x in pair.split("=", 1))
+                if k in kwargs:
+                    raise ValueError(f"method {item!r} gives {k} twice ({k}={kwargs[k]}, {k}={v}); "
+                                     f"give each key once")
+                kwargs[k] = v
+        specs.append(MethodSpec(name, tuple(sorted(cast_method_kwargs(name, kwargs).items()))))
     return specs
 
 
-def _yaml_scalar(text: str) -> Any:
-    import yaml
+class _StrictLoader(yaml.SafeLoader):
+    """A YAML safe loader that refuses duplicate keys (PyYAML silently keeps the last one)."""
 
-    return yaml.safe_load(text) if text else text
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key].start_mark.line + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_grid_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a run YAML; `include_path` entries resolve against the YAML's folder."""
-    import yaml
-
+    """Read a run YAML (duplicate keys are an error); `include_path` entries resolve against the YAML's folder."""
     path = Path(path)
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.load(path.read_text(), Loader=_StrictLoader) or {}  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: {exc}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a run YAML is a mapping of settings, got {type(data).__name__}")  # noqa: TRY004
     known = set(GridSpec.__dataclass_fields__)
@@ -291,6 +310,47 @@ def load_grid_yaml(path: str | Path) -> dict[str, Any]:
     inc = [inc] if isinstance(inc, str) else list(inc)
     data["include_path"] = [str((path.parent / p).resolve()) if not os.path.isabs(p) else p for p in inc]
     return data
+
+
+#: GridSpec settings that are lists or maps, read by their own parsers (everything else: `cast_value`)
+_LIST_SETTINGS = ("methods", "keep", "ratio", "tasks", "include_path", "metrics")
+
+
+def spec_from_dict(data: Mapping[str, Any]) -> GridSpec:
+    """A `GridSpec` from merged settings (a run YAML and/or flags), each cast by the core config parser.
+
+    `tasks` and `keep`/`ratio` may be comma-separated text; `methods` as for `parse_methods`; `limit` is a document
+    count (>= 1) or a fraction (< 1).
+
+    Raises:
+        ValueError: an unknown setting or a value of the wrong type (names the setting).
+    """
+    data = dict(data)
+    fields_ = config_fields(GridSpec)
+    unknown = sorted(set(data) - set(fields_))
+    if unknown:
+        raise ValueError(f"unknown grid settings {', '.join(unknown)}; valid: {', '.join(sorted(fields_))}")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _LIST_SETTINGS:
+            continue
+        try:
+            out[key] = cast_value(value, fields_[key], key)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+    limit = out.get("limit")
+    if isinstance(limit, float) and limit >= 1:
+        raise ValueError(f"limit is a document count (>= 1) or a fraction (< 1), got {limit}")
+    tasks = data.get("tasks")
+    out["tasks"] = [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else \
+        [str(t) for t in tasks or []]
+    out["methods"] = parse_methods(data.get("methods"))
+    out["keep"] = parse_number_list(data.get("keep"), int, "keep")
+    out["ratio"] = parse_number_list(data.get("ratio"), float, "ratio")
+    out["include_path"] = [str(p) for p in data.get("include_path") or []]
+    out["metrics"] = {str(k): str(v) for k, v in dict(data.get("metrics") or {}).items()}
+    out.setdefault("model", "")
+    return GridSpec(**out)
 
 
 # -- results -> cells -> table ---------------------------------------------------------------------------------
@@ -414,23 +474,14 @@ def render_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def write_json_atomic(path: Path, obj: Any) -> Path:
-    """Write JSON atomically (temp file beside `path`, then rename)."""
-    return atomic.write_json_atomic(path, obj, indent=2, default=str)
-
-
-def _write_text_atomic(path: Path, text: str) -> Path:
-    return atomic.write_text_atomic(path, text)
-
-
 def write_table(rows: list[dict[str, Any]], out_dir: Path, meta: Mapping[str, Any]) -> dict[str, Path]:
     """Write `comparison.md`, `comparison.csv` and `comparison.json` into `out_dir`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     title = f"{meta.get('model', '')}: score and retention vs method=none"
     return {
-        "md": _write_text_atomic(out_dir / "comparison.md", render_markdown(rows, title)),
-        "csv": _write_text_atomic(out_dir / "comparison.csv", render_csv(rows)),
-        "json": write_json_atomic(out_dir / "comparison.json", {**dict(meta), "rows": rows}),
+        "md": atomic.write_text_atomic(out_dir / "comparison.md", render_markdown(rows, title)),
+        "csv": atomic.write_text_atomic(out_dir / "comparison.csv", render_csv(rows)),
+        "json": atomic.write_json_atomic(out_dir / "comparison.json", {**dict(meta), "rows": rows}, indent=2,
+                                         default=str),
     }
 
 

@@ -127,7 +127,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             return
-        try:  # "5" resets the peak resident set size (Linux >= 4.0); unavailable elsewhere
+        try:  # a kernel control file, not a data file: "5" resets the peak resident set size (Linux >= 4.0)
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
             pass

@@ -13,6 +13,7 @@ naming the dataset and the command that caches it, instead of lmms-eval's minute
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import string
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+from vlm_tools.core import io as atomic
 
 __all__ = [
     "EXTRA_DATASETS",
@@ -147,7 +150,6 @@ def write_photo_task(task_dir: str | Path, prefix: str = "vlmt_photos", n_docs: 
     if not 1 <= n_docs <= len(PHOTO_DOCS):
         raise ValueError(f"n_docs must lie in 1..{len(PHOTO_DOCS)}, got {n_docs}")
     task_dir = Path(task_dir)
-    task_dir.mkdir(parents=True, exist_ok=True)
     docs = PHOTO_DOCS[:n_docs]
     table = datasets.Dataset.from_dict(
         {"id": list(range(n_docs)), "image": [_photo(p, image_size) for p, _, _ in docs],
@@ -156,9 +158,9 @@ def write_photo_task(task_dir: str | Path, prefix: str = "vlmt_photos", n_docs: 
                                     "picture": datasets.Value("string"), "question": datasets.Value("string"),
                                     "answer": datasets.Value("string")}))
     data_file = f"{prefix}.parquet"
-    tmp = task_dir / f".{data_file}.tmp"
-    table.to_parquet(str(tmp))
-    os.replace(tmp, task_dir / data_file)
+    buf = io.BytesIO()
+    table.to_parquet(buf)
+    atomic.write_bytes_atomic(task_dir / data_file, buf.getvalue())
     names = {"generate_until": f"{prefix}_gen", "loglikelihood": f"{prefix}_ll"}
     variants = {
         "generate_until": {
@@ -174,7 +176,7 @@ def write_photo_task(task_dir: str | Path, prefix: str = "vlmt_photos", n_docs: 
     }
     for output_type, name in names.items():
         text = _TASK_YAML.format(name=name, data_file=data_file, output_type=output_type, **variants[output_type])
-        (task_dir / f"{name}.yaml").write_text(text)
+        atomic.write_text_atomic(task_dir / f"{name}.yaml", text)
     return names
 
 
