@@ -57,11 +57,16 @@ def evaluated(eval_fixture):
     return out
 
 
+CLI_TESTS = ("test_lmms_eval_cli_resolves_plugin_from_entry_point", "test_readme_command_with_batch_size_in_model_args")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def lmms_eval_cli_run(request, eval_fixture, tmp_path_factory):
-    """`lmms-eval --model vlm_tools ...` in a subprocess, started when the module starts (it takes ~20 s, mostly
-    imports) so that it overlaps the in-process tests; only when its test is selected."""
-    wanted = any(item.name == "test_lmms_eval_cli_resolves_plugin_from_entry_point" for item in request.session.items)
+    """The README's command, `lmms-eval --model vlm_tools --model_args pretrained=P,method=cls_topk,keep=K,batch_size=2
+    --tasks T --include_path D --limit 2 --output_path O --log_samples`, in a subprocess started when the module
+    starts (it takes ~20 s, mostly imports) so that it overlaps the in-process tests; only when its tests are
+    selected. lmms-eval's CLI passes its own `--batch_size` (default 1) and `--device` next to model_args."""
+    wanted = any(item.name in CLI_TESTS for item in request.session.items)
     if not wanted:
         yield None
         return
@@ -69,9 +74,9 @@ def lmms_eval_cli_run(request, eval_fixture, tmp_path_factory):
     exe = Path(sys.executable).with_name("lmms-eval")
     cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "lmms_eval"]),
            "--model", "vlm_tools", "--model_args",
-           f"pretrained={eval_fixture.checkpoint},method=cls_topk,keep={KEEP},device=cpu",
+           f"pretrained={eval_fixture.checkpoint},method=cls_topk,keep={KEEP},batch_size=2",
            "--tasks", eval_fixture.gen_task, "--include_path", str(eval_fixture.task_dir), "--limit", "2",
-           "--batch_size", "2", "--output_path", str(out_dir), "--log_samples", "--verbosity", "WARNING"]
+           "--output_path", str(out_dir), "--log_samples", "--verbosity", "WARNING"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=out_dir, env=env)
     yield proc, out_dir
@@ -327,9 +332,15 @@ def test_import_vlm_tools_does_not_import_lmms_eval():
     assert "lmms_eval.api" not in mods and "lmms_eval.evaluator" not in mods
 
 
+def _cli_result(run):
+    proc, out_dir = run
+    if proc.returncode is None:
+        proc.stdout_text, proc.stderr_text = proc.communicate(timeout=600)
+    return proc, proc.stdout_text, proc.stderr_text, out_dir
+
+
 def test_lmms_eval_cli_resolves_plugin_from_entry_point(lmms_eval_cli_run, eval_fixture):
-    proc, out_dir = lmms_eval_cli_run
-    stdout, stderr = proc.communicate(timeout=600)
+    proc, stdout, stderr, out_dir = _cli_result(lmms_eval_cli_run)
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     (results,) = out_dir.rglob("*_results.json")
     data = json.loads(results.read_text())
@@ -337,6 +348,22 @@ def test_lmms_eval_cli_resolves_plugin_from_entry_point(lmms_eval_cli_run, eval_
     (samples,) = out_dir.rglob(f"*_samples_{eval_fixture.gen_task}.jsonl")
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
     assert len(rows) == 2 and all(r["token_counts"][0]["visual_tokens"] == KEEP for r in rows)
+
+
+def test_readme_command_with_batch_size_in_model_args(lmms_eval_cli_run, eval_fixture):
+    """Issue 13.1: `batch_size=2` in model_args next to lmms-eval's own `--batch_size` (default 1) used to raise
+    `TypeError: got multiple values for keyword argument 'batch_size'`, after which lmms-eval exited 0 with no
+    results. model_args wins: every request ran in a batch of 2, and the results file exists."""
+    proc, stdout, stderr, out_dir = _cli_result(lmms_eval_cli_run)
+    assert "multiple values" not in stdout + stderr
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    (results,) = out_dir.rglob("*_results.json")
+    data = json.loads(results.read_text())
+    assert data["results"][eval_fixture.gen_task]["exact_match,none"] >= 0
+    assert "batch_size=2" in data["config"]["model_args"]
+    (samples,) = out_dir.rglob(f"*_samples_{eval_fixture.gen_task}.jsonl")
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert [r["token_counts"][0]["batch_size"] for r in rows] == [2, 2]
 
 
 # -- offline data errors ---------------------------------------------------------------------------------------

@@ -10,7 +10,11 @@ Layout of `--out`:
     comparison.md / comparison.csv / comparison.json                         the table over the whole grid
 
 A run is one method at one budget; it loads nothing: the checkpoint is loaded once per grid and wrapped per run.
-A cell whose file matches the current settings is skipped on a re-run (`--force` re-runs it). Under
+A cell whose file matches the current settings and content is skipped on a re-run (`--force` re-runs it): the
+fingerprint holds the cast method config, the checkpoint's files (sha256 of small files such as the config and the
+chat template; size and mtime of the weights) and the task YAML text (with its includes and local data files).
+`--out` is checked for writing before anything is evaluated, and a cell is marked finished only after lmms-eval's
+results file and sample logs of its run were read back complete. Under
 `accelerate launch` every process evaluates a shard of each task's documents on its own GPU (lmms-eval's data
 parallelism); only rank 0 writes files.
 """
@@ -25,7 +29,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["cell_path", "default_include_paths", "pending_cells", "register_cli", "run_grid", "spec_from_args"]
+__all__ = ["EvalOutputError", "cell_path", "check_output_dir", "check_run_outputs", "default_include_paths",
+           "grid_content", "pending_cells", "register_cli", "run_grid", "spec_from_args"]
 
 
 def register_cli(subparsers: Any) -> None:
@@ -86,6 +91,11 @@ def spec_from_args(args: argparse.Namespace):
     return spec_from_dict(data)
 
 
+class EvalOutputError(RuntimeError):
+    """`--out` cannot be written, or lmms-eval's results of a run were not written completely (the message names the
+    path and the cause)."""
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from vlm_tools.integrations.local_tasks import TaskDataError
 
@@ -94,7 +104,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         spec.validate(require_model=not args.cache_data)
         _quiet_lmms_eval(spec.verbosity)
         run_grid(spec, force=args.force, cache_data=args.cache_data)
-    except (ValueError, TaskDataError) as exc:
+    except (ValueError, TaskDataError, EvalOutputError) as exc:
         print(f"vlm-tools eval: error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -142,13 +152,46 @@ def _check_tasks_known(task_manager: Any, tasks: list[str]) -> None:
         raise ValueError(f"unknown lmms-eval task(s): {'; '.join(hints)}; add task folders with --include-path")
 
 
+def check_output_dir(out: Path) -> None:
+    """Create `out/runs` and `out/cells` and write a probe file, before any model loads or task is evaluated.
+
+    Raises:
+        EvalOutputError: the folder cannot be created or written (one line: the path and the OS error).
+    """
+    from vlm_tools.core.io import write_text_atomic
+
+    try:
+        for sub in (out / "runs", out / "cells"):
+            sub.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "runs" / ".vlm_tools_write_test", "ok\n").unlink()
+    except OSError as exc:
+        where = exc.filename or out
+        raise EvalOutputError(f"cannot write the output folder --out {out}: {exc.strerror or exc} ({where})") from None
+
+
 def cell_path(out: Path, run_id: str, task: str) -> Path:
     """Where a finished cell's record lives."""
     return out / "cells" / run_id / f"{task}.json"
 
 
-def pending_cells(spec, runs: list, out: Path, force: bool = False) -> list[tuple[Any, list[str]]]:
-    """Per run, the tasks still to evaluate: no cell file, or one written with other settings."""
+def grid_content(spec, task_manager: Any) -> dict[str, Any]:
+    """What the grid's names point to, for the cell fingerprints: the checkpoint's files, each task's YAML text
+    (includes, Python files beside it, local data files) and the lmms-eval version."""
+    from vlm_tools.integrations.grid import model_fingerprint, yaml_fingerprint
+    from vlm_tools.integrations.local_tasks import task_datasets, task_yaml_paths
+
+    tasks = {}
+    for task in spec.tasks:
+        files = [f for ref in task_datasets(task_manager, task) if ref.is_local for f in ref.data_files]
+        tasks[task] = {}
+        for yaml_path in task_yaml_paths(task_manager, task):
+            tasks[task].update(yaml_fingerprint(yaml_path, files))
+    return {"model": model_fingerprint(spec.model), "lmms_eval": _version("lmms_eval"), "tasks": tasks}
+
+
+def pending_cells(spec, runs: list, out: Path, force: bool = False,
+                  content: dict[str, Any] | None = None) -> list[tuple[Any, list[str]]]:
+    """Per run, the tasks still to evaluate: no cell file, or one written with other settings or content."""
     plan = []
     for run in runs:
         todo = []
@@ -157,7 +200,7 @@ def pending_cells(spec, runs: list, out: Path, force: bool = False) -> list[tupl
             if not force and path.is_file():
                 try:
                     if json.loads(path.read_text()).get("fingerprint") == json.loads(
-                            json.dumps(spec.fingerprint(run, task), default=str)):
+                            json.dumps(spec.fingerprint(run, task, content), default=str)):
                         continue
                 except (OSError, json.JSONDecodeError):
                     pass
@@ -205,7 +248,9 @@ def run_grid(spec, *, force: bool = False, cache_data: bool = False, task_manage
 
     Raises:
         ValueError: bad settings or unknown tasks; `TaskDataError`: task data that is neither cached nor
-            downloadable; both before any model loads.
+            downloadable; `EvalOutputError`: `--out` cannot be written; all before any model loads.
+            `EvalOutputError` also when lmms-eval did not write a run's results completely (its cells stay
+            unfinished).
     """
     from vlm_tools.integrations.grid import build_table, spec_to_dict, write_table
     from vlm_tools.integrations.local_tasks import check_task_data
@@ -214,11 +259,13 @@ def run_grid(spec, *, force: bool = False, cache_data: bool = False, task_manage
     runs = spec.validate(require_model=not cache_data)
     stream = stream if stream is not None else sys.stderr
     dist = dist if dist is not None else DistInfo.from_env()
+    out = Path(spec.out)
+    if dist.is_main and not cache_data:
+        check_output_dir(out)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import Accelerator
 
         Accelerator()  # joins the process group that lmms-eval's collectives and the plugin use
-    out = Path(spec.out)
     include = list(dict.fromkeys([*spec.include_path, *default_include_paths()]))
     tm = task_manager if task_manager is not None else _task_manager(spec, include)
     _check_tasks_known(tm, spec.tasks)
@@ -226,7 +273,8 @@ def run_grid(spec, *, force: bool = False, cache_data: bool = False, task_manage
     if cache_data:
         return _cache_data(spec, tm, dist, stream)
 
-    plan = _broadcast_plan(pending_cells(spec, runs, out, force), dist)
+    content = grid_content(spec, tm)
+    plan = _broadcast_plan(pending_cells(spec, runs, out, force, content), dist)
     todo = {(r.run_id, t) for r, tasks in plan for t in tasks}
     all_cells = [(r.run_id, t) for r in runs for t in spec.tasks]
     skipped = [c for c in all_cells if c not in todo]
@@ -234,7 +282,7 @@ def run_grid(spec, *, force: bool = False, cache_data: bool = False, task_manage
         _log(dist, stream, f"vlm-tools eval: {len(skipped)} of {len(all_cells)} cells already finished, skipped")
     ran: list[tuple[str, str]] = []
     if plan:
-        ran = _evaluate(spec, plan, tm, out, dist, stream)
+        ran = _evaluate(spec, plan, tm, out, dist, stream, content)
     report: dict[str, Any] = {"ran": ran, "skipped": skipped, "table": {}, "rows": []}
     if dist.is_main:
         cells = []
@@ -268,7 +316,43 @@ def _cache_data(spec, task_manager: Any, dist: Any, stream: TextIO) -> dict[str,
     return {"ran": [], "skipped": [], "table": {}, "rows": []}
 
 
-def _evaluate(spec, plan: list, task_manager: Any, out: Path, dist: Any, stream: TextIO) -> list[tuple[str, str]]:
+def check_run_outputs(results_file: Path | None, tasks: list[str], samples: dict[str, int]) -> None:
+    """Read back what lmms-eval's tracker wrote for one run (it only logs a warning when a write fails).
+
+    Args:
+        results_file: `<date>_results.json` of the run, or None when the tracker never got to name it.
+        tasks: the tasks the run evaluated (each must have results).
+        samples: task -> number of logged samples (`<date>_samples_<task>.jsonl` must hold one JSON line each).
+
+    Raises:
+        EvalOutputError: a file is missing, truncated or not valid JSON, or lacks a task (names the file).
+    """
+    hint = "lmms-eval warns 'Could not save results' when a write fails: disk full or read-only?"
+    if results_file is None or not results_file.is_file():
+        raise EvalOutputError(f"lmms-eval did not write its results file {results_file or '(no path)'} ({hint}); "
+                              f"the cells of tasks {', '.join(tasks)} stay unfinished")
+    try:
+        data = json.loads(results_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EvalOutputError(f"lmms-eval's results file {results_file} cannot be read back ({exc}; {hint}); "
+                              f"the cells of tasks {', '.join(tasks)} stay unfinished") from None
+    missing = [t for t in tasks if t not in (data.get("results") or {})]
+    if missing:
+        raise EvalOutputError(f"lmms-eval's results file {results_file} has no results for {', '.join(missing)}")
+    date_id = results_file.name[:-len("_results.json")]
+    for task, n_samples in samples.items():
+        path = results_file.parent / f"{date_id}_samples_{task}.jsonl"
+        try:
+            lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise EvalOutputError(f"lmms-eval's sample log {path} cannot be read back ({exc}; {hint})") from None
+        if len(lines) != n_samples:
+            raise EvalOutputError(f"lmms-eval's sample log {path} holds {len(lines)} samples, expected "
+                                  f"{n_samples} ({hint})")
+
+
+def _evaluate(spec, plan: list, task_manager: Any, out: Path, dist: Any, stream: TextIO,
+              content: dict[str, Any]) -> list[tuple[str, str]]:
     import torch
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.loggers import EvaluationTracker
@@ -307,6 +391,7 @@ def _evaluate(spec, plan: list, task_manager: Any, out: Path, dist: Any, stream:
             continue
         samples = results.pop("samples", {})
         cells = {t: summarize_task(results, samples, t, spec.metrics) for t in tasks}
+        counts = {name: len(task_samples) for name, task_samples in samples.items()}
         tracker = EvaluationTracker(output_path=str(out / "runs" / run.run_id))
         tracker.general_config_tracker.log_experiment_args(model_source="vlm_tools", model_args=model_args,
                                                            system_instruction=None, chat_template=None,
@@ -314,14 +399,16 @@ def _evaluate(spec, plan: list, task_manager: Any, out: Path, dist: Any, stream:
         tracker.save_results_aggregated(results=results, samples=samples, datetime_str=results["date"])
         for name, task_samples in samples.items():
             tracker.save_results_samples(task_name=name, samples=task_samples)
-        results_file = out / "runs" / run.run_id / tracker.general_config_tracker.model_name_sanitized / \
-            f"{tracker.date_id}_results.json"
+        date_id = getattr(tracker, "date_id", None)  # set by a save that got as far as naming its file
+        results_file = (out / "runs" / run.run_id / tracker.general_config_tracker.model_name_sanitized /
+                        f"{date_id}_results.json") if date_id else None
+        check_run_outputs(results_file, tasks, counts)
         for task, cell in cells.items():
             record = {**cell, "model": spec.model, "method": run.method.label, "method_name": run.method.name,
                       "method_kwargs": run.method_kwargs, "budget": run.budget.label, "run_id": run.run_id,
                       "results_file": str(results_file), "wall_s": wall, "date": results["date"],
                       "lmms_eval_version": _version("lmms_eval"), "world_size": dist.world_size,
-                      "fingerprint": spec.fingerprint(run, task)}
+                      "fingerprint": spec.fingerprint(run, task, content)}
             write_json_atomic(cell_path(out, run.run_id, task), record, indent=2, default=str)
     bar.close()
     return ran

@@ -10,7 +10,10 @@ Nothing here imports torch or lmms-eval.
 from __future__ import annotations
 
 import csv
+import hashlib
+import html
 import io
+import json
 import math
 import os
 import re
@@ -29,12 +32,17 @@ __all__ = [
     "BASELINE",
     "PRIMARY_METRICS",
     "TABLE_COLUMNS",
+    "HASH_LIMIT",
     "Budget",
     "GridSpec",
     "MethodSpec",
     "RunSpec",
     "build_table",
+    "file_fingerprint",
+    "folder_fingerprint",
     "load_grid_yaml",
+    "md_cell",
+    "model_fingerprint",
     "parse_methods",
     "parse_number_list",
     "primary_metric",
@@ -44,6 +52,7 @@ __all__ = [
     "spec_to_dict",
     "summarize_task",
     "write_table",
+    "yaml_fingerprint",
 ]
 
 BASELINE = "none"
@@ -111,11 +120,26 @@ class RunSpec:
         return {**dict(self.method.kwargs), **self.budget.as_kwargs()}
 
     @property
+    def config_digest(self) -> str:
+        """sha256 of the method name and its cast config fields (budget included): equal configs, equal digests."""
+        text = json.dumps({"method": self.method.name, "kwargs": self.method_kwargs}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    @property
     def run_id(self) -> str:
-        """A file-system-safe id, e.g. `cls_topk_keep64`, `random-seed1_keep64`, `none_full`."""
+        """A file-system-safe id, e.g. `cls_topk_keep64`, `random-seed1_keep64`, `none_full`.
+
+        When the readable form could stand for another config (a text field such as a student path, or characters
+        that had to be replaced), it ends in 10 hex digits of `config_digest`: two distinct configs never share a
+        run id, hence never a cell file.
+        """
         extra = "".join(f"-{k}{v}" for k, v in self.method.kwargs)
         budget = "full" if self.budget.kind is None else f"{self.budget.kind}{self.budget.value}"
-        return re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{self.method.name}{extra}_{budget}")
+        raw = f"{self.method.name}{extra}_{budget}"
+        safe = re.sub(r"[^A-Za-z0-9_.=-]+", "_", raw)
+        if safe != raw or len(safe) > 80 or any(isinstance(v, str) for _, v in self.method.kwargs):
+            safe = f"{safe[:80]}-{self.config_digest[:10]}"
+        return safe
 
 
 @dataclass
@@ -175,10 +199,22 @@ class GridSpec:
         return [Budget("ratio", float(r)) for r in self.ratio]
 
     def runs(self, check_methods: bool = True) -> list[RunSpec]:
-        """Every (method, budget) run; methods without a `keep`/`ratio` field run once, at `full`."""
+        """Every (method, budget) run; methods without a `keep`/`ratio` field run once, at `full`.
+
+        With `check_methods`, each method's fields are cast by the core config parser first, so specs that spell
+        one config differently (`seed=1`, `seed='1'`) are one run.
+
+        Raises:
+            ValueError: a method needs a budget and none is given, or two distinct runs would share a run id.
+        """
         budgets = self.budgets()
+        methods = self.all_methods()
+        if check_methods:
+            methods = list(dict.fromkeys(
+                MethodSpec(m.name, tuple(sorted(cast_method_kwargs(m.name, dict(m.kwargs)).items())))
+                for m in methods))
         runs = []
-        for m in self.all_methods():
+        for m in methods:
             takes_budget = True
             if check_methods or m.name == BASELINE:
                 takes_budget = bool({"keep", "ratio"} & set(method_fields(m.name)))
@@ -188,6 +224,12 @@ class GridSpec:
             if not budgets:
                 raise ValueError(f"method {m.name!r} needs a budget: give --keep (tokens per image) or --ratio")
             runs.extend(RunSpec(m, b) for b in budgets)
+        ids: dict[str, RunSpec] = {}
+        for run in runs:
+            other = ids.setdefault(run.run_id, run)
+            if other is not run:
+                raise ValueError(f"runs {other.method.label} {other.budget.label} and {run.method.label} "
+                                 f"{run.budget.label} would share the run id {run.run_id!r}")
         return runs
 
     def validate(self, check_methods: bool = True, require_model: bool = True) -> list[RunSpec]:
@@ -223,12 +265,95 @@ class GridSpec:
             args["max_new_tokens"] = self.max_new_tokens
         return {k: v for k, v in args.items() if v is not None}
 
-    def fingerprint(self, run: RunSpec, task: str) -> dict[str, Any]:
-        """What a finished cell must match to be skipped on a re-run (device and batch size are left out)."""
+    def fingerprint(self, run: RunSpec, task: str, content: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """What a finished cell must match to be skipped on a re-run (device and batch size are left out).
+
+        Args:
+            run: the run.
+            task: the task.
+            content: what the names point to (`{"model": model_fingerprint(...), "tasks": {task: ...}, ...}`): a
+                checkpoint replaced at the same path or an edited task YAML then re-runs the cell.
+        """
+        content = dict(content or {})
+        tasks = content.pop("tasks", {})
         return {"model": self.model, "method": run.method.name, "method_kwargs": run.method_kwargs, "task": task,
                 "limit": self.limit, "gen_kwargs": self.gen_kwargs, "dtype": self.dtype, "prompt": self.prompt,
                 "attn_implementation": self.attn_implementation, "max_new_tokens": self.max_new_tokens,
-                "assistant_prefix": self.assistant_prefix}
+                "assistant_prefix": self.assistant_prefix, "content": {**content, "task": tasks.get(task)}}
+
+
+# -- content fingerprints --------------------------------------------------------------------------------------
+#: files up to this size are fingerprinted by their sha256, larger ones (weights) by size and modification time
+HASH_LIMIT = 4 * 2**20
+
+
+def file_fingerprint(path: Path) -> str | list[int]:
+    """sha256 of a small file; `[size, mtime_ns]` of a large one (a rewritten checkpoint changes its mtime)."""
+    st = path.stat()
+    if st.st_size <= HASH_LIMIT:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def folder_fingerprint(folder: Path) -> dict[str, Any]:
+    """`file_fingerprint` of every file under `folder` (hidden files and folders skipped), by relative path."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if path.is_file() and not any(part.startswith(".") for part in rel.parts):
+            out[rel.as_posix()] = file_fingerprint(path)
+    return out
+
+
+def model_fingerprint(model: str) -> dict[str, Any]:
+    """The content of a checkpoint: every file of a local folder (`default`: the default model's folder), or of
+    the cached hub snapshot (with its revision); a hub id that is not cached yet gives only its name."""
+    from vlm_tools.integrations.model_args import resolve_pretrained
+
+    path = Path(resolve_pretrained(model))
+    if path.is_dir():
+        return {"path": str(path.resolve()), "files": folder_fingerprint(path)}
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "config.json")
+    except Exception:  # an id that is not a valid repo name: nothing cached to describe
+        cached = None
+    if isinstance(cached, str):
+        snapshot = Path(cached).parent
+        return {"hub_id": model, "revision": snapshot.name, "files": folder_fingerprint(snapshot)}
+    return {"hub_id": model}
+
+
+def yaml_fingerprint(yaml_path: str | Path, data_files: Sequence[str] = ()) -> dict[str, Any]:
+    """A task YAML's text with its `include:` chain, the Python files beside it (`!function utils.x`), and the
+    local data files it reads, as `{path: file_fingerprint}`."""
+    out: dict[str, Any] = {}
+    todo = [Path(yaml_path)]
+    while todo:
+        path = todo.pop()
+        if str(path) in out or not path.is_file():
+            continue
+        out[str(path)] = file_fingerprint(path)
+        for py in sorted(path.parent.glob("*.py")):
+            out.setdefault(str(py), file_fingerprint(py))
+        try:
+            include = (yaml.load(path.read_text(), Loader=_IgnoreTagsLoader) or {}).get("include")
+        except yaml.YAMLError:
+            continue
+        for inc in [include] if isinstance(include, str) else list(include or []):
+            todo.append(Path(inc) if os.path.isabs(inc) else path.parent / inc)
+    for f in data_files:
+        if os.path.isfile(f):
+            out[str(f)] = file_fingerprint(Path(f))
+    return out
+
+
+class _IgnoreTagsLoader(yaml.SafeLoader):
+    """Reads task YAMLs without resolving lmms-eval's `!function` tags."""
+
+
+_IgnoreTagsLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
 
 
 def parse_number_list(text: str | Sequence | None, kind: type, name: str = "value") -> list:
@@ -287,8 +412,8 @@ class _StrictLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first at line {seen[key].start_mark.line + 1})",
-                    key_node.start_mark)
+                    None, None, f"duplicate key {key!r} at line {key_node.start_mark.line + 1} (first at line "
+                    f"{seen[key].start_mark.line + 1}); give each setting once")
             seen[key] = key_node
         return super().construct_mapping(node, deep=deep)
 
@@ -299,7 +424,7 @@ def load_grid_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.load(path.read_text(), Loader=_StrictLoader) or {}  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: {exc}") from None
+        raise ValueError(f"{path}: {' '.join(str(exc).split())}") from None  # one line
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a run YAML is a mapping of settings, got {type(data).__name__}")  # noqa: TRY004
     known = set(GridSpec.__dataclass_fields__)
@@ -450,18 +575,25 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def md_cell(value: Any) -> str:
+    """Text for one Markdown table cell: HTML escaped (GitHub renders raw HTML in Markdown), `|` escaped as `\\|`
+    (it would end the cell), line breaks as spaces."""
+    text = html.escape(str(value), quote=False).replace("|", "\\|")
+    return " ".join(text.splitlines())
+
+
 def render_markdown(rows: list[dict[str, Any]], title: str | None = None) -> str:
     """A GitHub Markdown table of the rows."""
     head = ["task", "metric", "method", "budget", "score", "retention", "visual tokens", "(of)", "prefill ms",
             "peak MiB", "n"]
-    lines = [f"## {title}", ""] if title else []
+    lines = [f"## {md_cell(title)}", ""] if title else []
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         retention = "-" if r["retention"] is None else f"{100 * r['retention']:.1f}%"
         cells = [r["task"], r["metric"], r["method"], r["budget"], _fmt(r["score"]), retention,
                  _fmt(r["visual_tokens"]), _fmt(r["visual_tokens_before"]), _fmt(r["prefill_ms"]),
                  _fmt(r["peak_memory_mb"]), _fmt(r["n_samples"])]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        lines.append("| " + " | ".join(md_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -12,7 +12,8 @@ Each response carries `PruningTokenCounts` (lmms-eval's `TokenCounts` plus visua
 amortised prefill time and peak memory), which lmms-eval writes into every logged sample's `token_counts`.
 
 `method=none` is the unpruned reference through the same code path. Model arguments are validated before the
-checkpoint loads (see `vlm_tools.integrations.model_args`).
+checkpoint loads (see `vlm_tools.integrations.model_args`). lmms-eval's own `--batch_size` / `--device` are accepted
+next to `model_args`; a key given in `model_args` wins (`VlmToolsModel.create_from_arg_string`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
-from vlm_tools.integrations.model_args import DistInfo, PluginArgs, parse_model_args, resolve_device
+from vlm_tools.integrations.model_args import (
+    DistInfo,
+    PluginArgs,
+    merge_cli_args,
+    parse_model_args,
+    resolve_device,
+    split_model_args,
+)
 
 __all__ = [
     "PeakMemory",
@@ -189,6 +197,23 @@ class VlmToolsModel(lmms):
     """
 
     is_simple = True
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> VlmToolsModel:
+        """Build the model from lmms-eval's `--model_args` string and its own flags.
+
+        `arg_string` is read by `split_model_args` (quoted values keep their commas and lose their quotes; a key
+        given twice is an error). `additional_config` is what lmms-eval passes on top (`batch_size`, which its CLI
+        always sets, default 1; `max_batch_size`; `device`): a key given in `model_args` wins, a flag fills a key
+        that `model_args` leaves out, and an explicit flag that disagrees with `model_args` is logged as ignored.
+        """
+        merged, ignored = merge_cli_args(split_model_args(arg_string or ""), additional_config)
+        if ignored:
+            from loguru import logger
+
+            for key, (kept, flag) in ignored.items():
+                logger.warning(f"vlm_tools: model_args {key}={kept} wins over lmms-eval's --{key} {flag}")
+        return cls(**merged)
 
     def __init__(self, pretrained: str | None = None, method: str = "none", batch_size: int | str = 1,
                  device: str | None = None, dtype: str = "auto", attn_implementation: str | None = None,

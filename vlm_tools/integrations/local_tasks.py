@@ -39,6 +39,7 @@ __all__ = [
     "process_generation",
     "process_loglikelihood",
     "task_datasets",
+    "task_yaml_paths",
     "write_photo_task",
 ]
 
@@ -241,6 +242,28 @@ def task_datasets(task_manager: Any, task: str) -> list[DatasetRef]:
     refs = [_ref(task, config)] if config.get("dataset_path") else []
     refs += [DatasetRef(task, p, n, needs_token=True) for p, n in EXTRA_DATASETS.get(task, ())]
     return refs
+
+
+def task_yaml_paths(task_manager: Any, task: str) -> list[str]:
+    """The YAML files that define `task` (a task, group or tag of the TaskManager's index) and its members."""
+    from lmms_eval import utils
+
+    index = task_manager.task_index
+    if task not in index:
+        raise KeyError(task)
+    entry = index[task]
+    paths = [entry["yaml_path"]] if entry["yaml_path"] != -1 else []
+    if entry["type"] == "tag":
+        members = list(entry["task"])
+    elif entry["type"] == "group" and entry["yaml_path"] != -1:
+        members = utils.load_yaml_config(entry["yaml_path"], mode="simple").get("task", [])
+        members = [m for m in members if isinstance(m, str)] if isinstance(members, list) else []
+    else:
+        members = []
+    for sub in members:
+        if sub in index and sub != task:
+            paths.extend(p for p in task_yaml_paths(task_manager, sub) if p not in paths)
+    return paths
 
 
 def _ref(task: str, config: dict) -> DatasetRef:
