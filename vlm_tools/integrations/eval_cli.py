@@ -8,6 +8,7 @@ Layout of `--out`:
     runs/<run_id>/<model>/<date>_results.json, <date>_samples_<task>.jsonl   lmms-eval's own outputs, per run
     cells/<run_id>/<task>.json                                               one cell: metrics, tokens, timing
     comparison.md / comparison.csv / comparison.json                         the table over the whole grid
+    comparison.html, accuracy_vs_tokens.png, accuracy_vs_latency.png         one-file HTML report and the plots
 
 A run is one method at one budget; it loads nothing: the checkpoint is loaded once per grid and wrapped per run.
 A cell whose file matches the current settings and content is skipped on a re-run (`--force` re-runs it): the
@@ -48,7 +49,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, help="requests per forward/generate call (default 1)")
     p.add_argument("--out", help="output folder (default out/eval)")
     p.add_argument("--include-path", action="append", default=None,
-                   help="extra lmms-eval task folder (repeatable); the repository's eval_configs/tasks is added")
+                   help="extra lmms-eval task folder (repeatable); the project's task folder (--print-tasks-path) is "
+                        "always added")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available, else cpu)")
     p.add_argument("--dtype", help="auto, float32, float16 or bfloat16 (default auto)")
     p.add_argument("--attn-implementation", help="sdpa, eager or flash_attention_2")
@@ -62,6 +64,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--force", action="store_true", help="re-run cells that are already finished")
     p.add_argument("--cache-data", action="store_true",
                    help="only download/prepare the tasks' datasets into the HF cache (needs internet; no model)")
+    p.add_argument("--print-tasks-path", action="store_true",
+                   help="print the folder of the project's lmms-eval tasks (for lmms-eval --include_path) and exit")
     p.set_defaults(func=_cmd_eval)
 
 
@@ -99,6 +103,15 @@ class EvalOutputError(RuntimeError):
 def _cmd_eval(args: argparse.Namespace) -> int:
     from vlm_tools.integrations.local_tasks import TaskDataError
 
+    if args.print_tasks_path:
+        from vlm_tools.integrations import tasks_path
+
+        try:
+            print(tasks_path())
+        except FileNotFoundError as exc:
+            print(f"vlm-tools eval: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
         spec = spec_from_args(args)
         spec.validate(require_model=not args.cache_data)
@@ -119,11 +132,13 @@ def _quiet_lmms_eval(level: str) -> None:
 
 
 def default_include_paths() -> list[str]:
-    """The repository's `eval_configs/tasks` folder, when vlm_tools runs from a source checkout."""
-    import vlm_tools
+    """The project's task folder (`vlm_tools.integrations.tasks_path()`), when it is there."""
+    from vlm_tools.integrations import tasks_path
 
-    path = Path(vlm_tools.__file__).resolve().parents[1] / "eval_configs" / "tasks"
-    return [str(path)] if path.is_dir() else []
+    try:
+        return [str(tasks_path())]
+    except FileNotFoundError:
+        return []
 
 
 def _task_manager(spec, include: list[str]):

@@ -35,6 +35,7 @@ __all__ = [
     "HASH_LIMIT",
     "Budget",
     "GridSpec",
+    "MEASUREMENT_NOTES",
     "MethodSpec",
     "RunSpec",
     "build_table",
@@ -44,9 +45,11 @@ __all__ = [
     "md_cell",
     "model_fingerprint",
     "parse_methods",
+    "plot_comparison",
     "parse_number_list",
     "primary_metric",
     "render_csv",
+    "render_html",
     "render_markdown",
     "spec_from_dict",
     "spec_to_dict",
@@ -518,8 +521,9 @@ def summarize_task(results: Mapping[str, Any], samples: Mapping[str, list], task
     """One cell's numbers from a `simple_evaluate` output: metrics, the primary score and per-sample token stats.
 
     Token statistics come from the `token_counts` the plugin attaches to every logged sample: visual tokens are
-    means over samples, prefill time is the median of the per-sample (batch-amortised) times, so the warm-up of the
-    first batch does not dominate short runs, and peak memory is the maximum.
+    means over samples, prefill time is the median of the per-sample times (batch prefill / batch size; batches hold
+    one task only), so the warm-up of the first batch does not dominate short runs, and peak memory is the maximum
+    over the task's batches (see `MEASUREMENT_NOTES`).
     """
     result = results["results"].get(task, {})
     metrics = _metrics_of(result)
@@ -582,19 +586,115 @@ def md_cell(value: Any) -> str:
     return " ".join(text.splitlines())
 
 
+#: How the table's latency and memory columns are measured (printed under the Markdown and HTML tables).
+MEASUREMENT_NOTES = (
+    "prefill ms/sample: wall time of a batch from the wrapped call's start to the end of the LLM prefill (vision "
+    "tower, projector, pruning, LLM prefill; CUDA synchronised), divided by the requests in the batch; the median "
+    "over the task's samples. The plugin never puts two tasks in one batch, so every number belongs to its task.",
+    "peak MiB: the highest peak of the task's batches, model weights included: on CUDA the peak allocated device "
+    "memory (torch.cuda.max_memory_allocated, reset before each batch); on a CPU the process peak resident set size "
+    "(VmHWM, reset before each batch).",
+    "visual tokens: mean per sample of the visual tokens the LLM saw; (of): without pruning.",
+)
+
+TABLE_HEAD = ("task", "metric", "method", "budget", "score", "retention", "visual tokens", "(of)", "prefill ms/sample",
+              "peak MiB", "n")
+
+
+def _cells(r: Mapping[str, Any]) -> list[str]:
+    retention = "-" if r["retention"] is None else f"{100 * r['retention']:.1f}%"
+    return [r["task"], r["metric"], r["method"], r["budget"], _fmt(r["score"]), retention, _fmt(r["visual_tokens"]),
+            _fmt(r["visual_tokens_before"]), _fmt(r["prefill_ms"]), _fmt(r["peak_memory_mb"]), _fmt(r["n_samples"])]
+
+
 def render_markdown(rows: list[dict[str, Any]], title: str | None = None) -> str:
-    """A GitHub Markdown table of the rows."""
-    head = ["task", "metric", "method", "budget", "score", "retention", "visual tokens", "(of)", "prefill ms",
-            "peak MiB", "n"]
+    """A GitHub Markdown table of the rows (every cell escaped with `md_cell`) and how the columns are measured."""
     lines = [f"## {md_cell(title)}", ""] if title else []
-    lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(TABLE_HEAD) + " |", "|" + "|".join("---" for _ in TABLE_HEAD) + "|"]
     for r in rows:
-        retention = "-" if r["retention"] is None else f"{100 * r['retention']:.1f}%"
-        cells = [r["task"], r["metric"], r["method"], r["budget"], _fmt(r["score"]), retention,
-                 _fmt(r["visual_tokens"]), _fmt(r["visual_tokens_before"]), _fmt(r["prefill_ms"]),
-                 _fmt(r["peak_memory_mb"]), _fmt(r["n_samples"])]
-        lines.append("| " + " | ".join(md_cell(c) for c in cells) + " |")
+        lines.append("| " + " | ".join(md_cell(c) for c in _cells(r)) + " |")
+    lines += [""] + [f"- {note}" for note in MEASUREMENT_NOTES]
     return "\n".join(lines) + "\n"
+
+
+def _series(rows: list[dict[str, Any]], x_key: str) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """task -> method label -> sorted (x, score) points of the rows that have both."""
+    out: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for r in rows:
+        if r.get(x_key) is None or r.get("score") is None:
+            continue
+        out.setdefault(r["task"], {}).setdefault(r["method"], []).append((float(r[x_key]), float(r["score"])))
+    return {t: {m: sorted(pts) for m, pts in methods.items()} for t, methods in out.items()}
+
+
+def plot_comparison(rows: list[dict[str, Any]], x_key: str, x_label: str, title: str) -> bytes | None:
+    """PNG bytes of score vs `x_key` (one panel per task, one line per method), or None when nothing to plot.
+
+    User text (method labels, task names, the title) is drawn as plain text: mathtext is off (`$` stays `$`).
+    """
+    import matplotlib
+
+    series = _series(rows, x_key)
+    if not series:
+        return None
+    plt = atomic.pyplot()
+    n = len(series)
+    cols = min(n, 3)
+    nrows = (n + cols - 1) // cols
+    with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+        fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.9 * nrows), squeeze=False)
+        for ax, (task, methods) in zip(axes.flat, series.items()):
+            metric = next((r["metric"] for r in rows if r["task"] == task and r.get("metric")), "score")
+            for label, pts in methods.items():
+                xs, ys = zip(*pts)
+                if label == BASELINE:
+                    ax.axhline(ys[0], color="0.4", linestyle="--", linewidth=1)
+                    ax.plot(xs, ys, marker="*", markersize=12, linestyle="none", color="0.2", label=label)
+                else:
+                    ax.plot(xs, ys, marker="o", label=label)
+            ax.set_title(task)
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(str(metric))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        for ax in list(axes.flat)[n:]:
+            ax.set_visible(False)
+        fig.suptitle(title)
+        fig.tight_layout()
+        return atomic.figure_png(fig)
+
+
+#: (file name, x column, x axis label) of the comparison plots
+PLOTS = (("accuracy_vs_tokens.png", "visual_tokens", "visual tokens per sample (mean)"),
+         ("accuracy_vs_latency.png", "prefill_ms", "prefill ms per sample (median)"))
+
+
+def render_html(rows: list[dict[str, Any]], title: str, plots: Mapping[str, bytes] | None = None,
+                settings: Mapping[str, Any] | None = None) -> str:
+    """A self-contained HTML page of the comparison: the table (every value escaped), the notes on how latency and
+    memory are measured, the plots inlined as data URIs, and the grid's settings."""
+    esc = html.escape
+    head = "".join(f"<th>{esc(h)}</th>" for h in TABLE_HEAD)
+    body = "\n".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in _cells(r)) + "</tr>" for r in rows)
+    notes = "".join(f"<li>{esc(n)}</li>" for n in MEASUREMENT_NOTES)
+    figures = "".join(f'<figure><img alt="{esc(name)}" src="{atomic.png_data_uri(png)}"><figcaption>{esc(name)}'
+                      f"</figcaption></figure>" for name, png in (plots or {}).items())
+    config = (f"<h2>Settings</h2><pre>{esc(json.dumps(dict(settings), indent=2, default=str))}</pre>"
+              if settings else "")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #bbb;padding:3px 8px;text-align:right}}td:nth-child(-n+4),th{{text-align:left}}
+tr:nth-child(even){{background:#f4f4f4}}img{{max-width:100%}}figure{{margin:1em 0}}</style></head>
+<body><h1>{esc(title)}</h1>
+<table><thead><tr>{head}</tr></thead><tbody>
+{body}
+</tbody></table>
+<ul>{notes}</ul>
+{figures}
+{config}
+</body></html>
+"""
 
 
 def render_csv(rows: list[dict[str, Any]]) -> str:
@@ -607,14 +707,24 @@ def render_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def write_table(rows: list[dict[str, Any]], out_dir: Path, meta: Mapping[str, Any]) -> dict[str, Path]:
-    """Write `comparison.md`, `comparison.csv` and `comparison.json` into `out_dir`."""
+    """Write `comparison.{md,csv,json,html}` and the plots `accuracy_vs_tokens.png` / `accuracy_vs_latency.png`
+    (when some row has a score) into `out_dir`."""
     title = f"{meta.get('model', '')}: score and retention vs method=none"
-    return {
+    paths = {
         "md": atomic.write_text_atomic(out_dir / "comparison.md", render_markdown(rows, title)),
         "csv": atomic.write_text_atomic(out_dir / "comparison.csv", render_csv(rows)),
         "json": atomic.write_json_atomic(out_dir / "comparison.json", {**dict(meta), "rows": rows}, indent=2,
                                          default=str),
     }
+    plots = {}
+    for name, x_key, x_label in PLOTS:
+        png = plot_comparison(rows, x_key, x_label, str(meta.get("model", "")))
+        if png is not None:
+            plots[name] = png
+            paths[name.removesuffix(".png")] = atomic.write_bytes_atomic(out_dir / name, png)
+    paths["html"] = atomic.write_text_atomic(out_dir / "comparison.html",
+                                             render_html(rows, title, plots, meta.get("settings")))
+    return paths
 
 
 def spec_to_dict(spec: GridSpec) -> dict[str, Any]:

@@ -9,7 +9,8 @@ Both request types go through the wrapped model, so the method prunes in both:
   read from the last `len(continuation)` positions of the shrunk sequence.
 
 Each response carries `PruningTokenCounts` (lmms-eval's `TokenCounts` plus visual tokens before/after pruning,
-amortised prefill time and peak memory), which lmms-eval writes into every logged sample's `token_counts`.
+per-sample prefill latency and peak memory of its batch; batches never mix tasks), which lmms-eval writes into every
+logged sample's `token_counts`.
 
 `method=none` is the unpruned reference through the same code path. Model arguments are validated before the
 checkpoint loads (see `vlm_tools.integrations.model_args`). lmms-eval's own `--batch_size` / `--device` are accepted
@@ -34,6 +35,7 @@ from vlm_tools.integrations.model_args import (
     merge_cli_args,
     parse_model_args,
     resolve_device,
+    resolve_pretrained,
     split_model_args,
 )
 
@@ -63,9 +65,12 @@ class PruningTokenCounts(TokenCounts):
         output_tokens: generated tokens up to and including EOS (generation) or continuation tokens (loglikelihood).
         visual_tokens: visual tokens that reached the LLM, summed over the request's images.
         visual_tokens_before: visual tokens the LLM would have seen without pruning.
-        prefill_ms: the batch's prefill wall time divided by its size (vision tower + projector + LLM prefill).
+        prefill_ms: per-sample prefill latency: the batch's prefill wall time (from the wrapped call's start to the
+            end of the LLM prefill: vision tower, projector, pruning, LLM prefill; CUDA synchronised) divided by
+            the requests in the batch. Batches hold one task's requests only.
         batch_size: requests in the batch.
-        peak_memory_mb: peak memory during the batch (CUDA: allocated on the device; CPU: process peak RSS).
+        peak_memory_mb: peak memory during the batch, model weights included (CUDA: `max_memory_allocated` on the
+            device; CPU: the process peak resident set size, VmHWM, reset before each batch).
     """
 
     visual_tokens: int | None = None
@@ -124,6 +129,14 @@ def join_continuation(prompt: str, continuation: str) -> str:
     return f"{prompt} {continuation}"
 
 
+def _task_of(request: Instance) -> str:
+    """The task a request belongs to (`Instance.task_name`, else the task field of its arguments)."""
+    name = getattr(request, "task_name", None)
+    if name is None and len(request.args) >= 6:
+        name = request.args[4]
+    return str(name or "")
+
+
 class PeakMemory:
     """Peak memory of one batch: CUDA allocator peak on a GPU; the process peak RSS (VmHWM) on a CPU (Linux)."""
 
@@ -158,8 +171,8 @@ def load_pretrained(path: str, device: str, dtype: str = "auto",
     """Load an HF LLaVA / LLaVA-NeXT checkpoint and its processor onto `device` (eval mode).
 
     Args:
-        path: checkpoint folder or hub id; `default` is the project's embedded default model
-            (`vlm_tools.default_model_path()`, assembled offline on first use).
+        path: checkpoint folder or hub id; `default` is another spelling of the default model's folder
+            (`vlm_tools.default_model_path()`, assembled offline on first use), loaded exactly like that folder.
         device: target device.
         dtype: "auto" or a torch dtype name.
         attn_implementation: attention backend, or None for the transformers default.
@@ -169,11 +182,7 @@ def load_pretrained(path: str, device: str, dtype: str = "auto",
     """
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
-    if path == "default":
-        from vlm_tools import default_model_path
-
-        path = str(default_model_path())
-
+    path = resolve_pretrained(path)
     classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in classes:
@@ -255,12 +264,10 @@ class VlmToolsModel(lmms):
         if mode == "chat" and not has_template:
             raise ValueError("prompt=chat was requested but the processor has no chat template; use prompt=plain")
         self.use_chat = mode == "chat" or (mode == "auto" and has_template)
-        prefix = self.args.assistant_prefix
-        if prefix is None and self.args.pretrained == "default":
-            from vlm_tools.assets.default_model import ANSWER_PREFIX
-
-            prefix = ANSWER_PREFIX
-        self.assistant_prefix = prefix or ""
+        # one rule for every checkpoint, however it was spelled: the prompt is the task's text in the processor's
+        # own chat template, plus `assistant_prefix` only when it is given (a model whose answers continue a prefix
+        # carries it in its saved chat template, so lmms-eval's llava_hf sees the same prompt)
+        self.assistant_prefix = self.args.assistant_prefix or ""
         self.memory = PeakMemory(self._device)
         self.wrapped = wrap(model, self.args.method, **self.args.method_kwargs)
 
@@ -378,9 +385,13 @@ class VlmToolsModel(lmms):
         return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
 
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
-        """Generate for each request through the wrapped model, `batch_size` requests per call."""
+        """Generate for each request through the wrapped model, `batch_size` requests of one task per call.
+
+        lmms-eval hands over the requests of every task at once; batches never mix tasks, so each request's
+        `prefill_ms` and `peak_memory_mb` belong to its own task.
+        """
         args = [r.args for r in requests]
-        keys = [json.dumps(a[1], sort_keys=True, default=str) for a in args]
+        keys = [json.dumps([_task_of(r), a[1]], sort_keys=True, default=str) for r, a in zip(requests, args)]
         lengths = [len(a[0]) for a in args]
         results: list[GenerationResult | None] = [None] * len(requests)
         bar = self._progress(len(requests), "generate")
@@ -435,7 +446,7 @@ class VlmToolsModel(lmms):
                   for (p, c, _), f in zip(items, fulls)]
         results: list[GenerationResult | None] = [None] * len(requests)
         bar = self._progress(len(requests), "loglikelihood")
-        for idxs in plan_batches([""] * len(items), [len(f) for f in fulls], self.batch_size):
+        for idxs in plan_batches([_task_of(r) for r in requests], [len(f) for f in fulls], self.batch_size):
             inputs = self._encode([fulls[i] for i in idxs], [im for i in idxs for im in items[i][2]])
             keep = max(n_cont[i] for i in idxs) + 1
             self.memory.reset()
