@@ -69,7 +69,7 @@ def test_default_and_its_folder_path_send_identical_requests(tmp_path, monkeypat
         lm = VlmToolsModel(pretrained=spelling, method="cls_topk", keep=8, batch_size=2, device="cpu")
         lm.task_dict = {"t": {"test": [{"image": im} for im in images]}}
         prompts = [lm.build_prompt(c, 1) for c in contexts]
-        ids = lm._encode(prompts, images)["input_ids"].tolist()
+        ids = lm.processor(images=images, text=prompts, padding=True, return_tensors="pt")["input_ids"].tolist()
         texts = [r.text for r in lm.generate_until(gen)]
         logprobs = [r.text[0] for r in lm.loglikelihood(ll)]
         seen[spelling] = (lm.args.assistant_prefix, prompts, ids, texts, logprobs)

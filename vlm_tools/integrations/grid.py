@@ -617,14 +617,17 @@ def render_markdown(rows: list[dict[str, Any]], title: str | None = None) -> str
     return "\n".join(lines) + "\n"
 
 
-def _series(rows: list[dict[str, Any]], x_key: str) -> dict[str, dict[str, list[tuple[float, float]]]]:
-    """task -> method label -> sorted (x, score) points of the rows that have both."""
-    out: dict[str, dict[str, list[tuple[float, float]]]] = {}
+def _series(rows: list[dict[str, Any]], x_key: str) -> dict[str, dict[str, list[tuple[float, float, str]]]]:
+    """task -> method label -> (x, score, budget label) points of the rows that have both, in budget order (visual
+    tokens), so a line follows the method's budget sweep whatever the x axis."""
+    out: dict[str, dict[str, list[tuple[float, float, float, str]]]] = {}
     for r in rows:
         if r.get(x_key) is None or r.get("score") is None:
             continue
-        out.setdefault(r["task"], {}).setdefault(r["method"], []).append((float(r[x_key]), float(r["score"])))
-    return {t: {m: sorted(pts) for m, pts in methods.items()} for t, methods in out.items()}
+        order = float(r["visual_tokens"]) if r.get("visual_tokens") is not None else float(r[x_key])
+        point = (order, float(r[x_key]), float(r["score"]), str(r.get("budget") or ""))
+        out.setdefault(r["task"], {}).setdefault(r["method"], []).append(point)
+    return {t: {m: [p[1:] for p in sorted(pts)] for m, pts in methods.items()} for t, methods in out.items()}
 
 
 def plot_comparison(rows: list[dict[str, Any]], x_key: str, x_label: str, title: str) -> bytes | None:
@@ -646,12 +649,15 @@ def plot_comparison(rows: list[dict[str, Any]], x_key: str, x_label: str, title:
         for ax, (task, methods) in zip(axes.flat, series.items()):
             metric = next((r["metric"] for r in rows if r["task"] == task and r.get("metric")), "score")
             for label, pts in methods.items():
-                xs, ys = zip(*pts)
+                xs, ys, budgets = zip(*pts)
                 if label == BASELINE:
                     ax.axhline(ys[0], color="0.4", linestyle="--", linewidth=1)
                     ax.plot(xs, ys, marker="*", markersize=12, linestyle="none", color="0.2", label=label)
-                else:
-                    ax.plot(xs, ys, marker="o", label=label)
+                    continue
+                (line,) = ax.plot(xs, ys, marker="o", label=label)
+                for x, y, budget in pts:
+                    ax.annotate(budget, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                                color=line.get_color())
             ax.set_title(task)
             ax.set_xlabel(x_label)
             ax.set_ylabel(str(metric))
