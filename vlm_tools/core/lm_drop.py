@@ -53,6 +53,7 @@ class LmCall:
         position_ids: the call's position ids, or None (the default numbering from `past`).
         length: query length of the call.
         past: cached length before the call (0: a prefill).
+        forced: `(B,)` trailing teacher-forced tokens per row (see `WrappedModel.forward`), or None.
         decided: whether a drop decision was made in this call.
         layer_kwargs: the replacement mask / rotary / position kwargs of the layers after the drop (computed once).
     """
@@ -61,6 +62,7 @@ class LmCall:
     position_ids: torch.Tensor | None
     length: int
     past: int
+    forced: torch.Tensor | None = None
     decided: bool = False
     layer_kwargs: dict | None = None
 
@@ -69,12 +71,17 @@ class LmCall:
         """Whether the call starts from an empty cache (the prompt; every call of a cache-less generate)."""
         return self.past == 0
 
-    def last_positions(self, rows: int, device) -> torch.Tensor:
-        """`(rows,)` position of each row's last attended token in a prefill (its last prompt token)."""
+    def query_positions(self, rows: int, device) -> torch.Tensor:
+        """`(rows,)` position of each row's last prompt token in a prefill: the query whose attention an LLM-stage
+        method decides with (the last attended token, before any teacher-forced continuation)."""
         if self.mask2d is None or self.mask2d.shape[-1] != self.length:
-            return torch.full((rows,), self.length - 1, dtype=torch.long, device=device)
-        pos = torch.arange(1, self.length + 1, device=self.mask2d.device)
-        return ((self.mask2d.bool().long() * pos).max(dim=1).values - 1).clamp_min(0).to(device)
+            last = torch.full((rows,), self.length - 1, dtype=torch.long, device=device)
+        else:
+            pos = torch.arange(1, self.length + 1, device=self.mask2d.device)
+            last = ((self.mask2d.bool().long() * pos).max(dim=1).values - 1).clamp_min(0).to(device)
+        if self.forced is not None:
+            last = last - self.forced.to(device)
+        return last
 
     def positions(self, rows: int, device) -> torch.Tensor:
         """`(rows, length)` position ids the model uses in this call (its own, or the default numbering)."""
@@ -92,13 +99,16 @@ class LmKeep:
         index: `(B, S)` original prompt position of each slot of the shortened sequence (padding slots: 0).
         valid: `(B, S)` False on padding slots.
         length: the prompt length of the prefill.
-        held: internal: the full hidden states at the drop, kept until the scatter-back (FastV).
+        full_output: the last layer's output is scattered back to the full length (FastV), so the returned sequence
+            covers every prompt position; otherwise it covers the kept slots.
+        held: internal: the full hidden states at the drop, kept until the scatter-back.
     """
 
     after_layer: int
     index: torch.Tensor
     valid: torch.Tensor
     length: int
+    full_output: bool = False
     held: torch.Tensor | None = None
 
     @property
@@ -235,7 +245,8 @@ def _call_hook(module, args, kwargs, slot: ContextSlot) -> None:
         raise RuntimeError("cannot continue a KV cache produced outside this call: the layers after an LLM-stage "
                            "drop hold fewer tokens; run the whole generation through the wrapped model")
     ctx.lm_call = LmCall(mask2d=mask if isinstance(mask, torch.Tensor) else None,
-                         position_ids=kwargs.get("position_ids"), length=int(ref.shape[1]), past=past)
+                         position_ids=kwargs.get("position_ids"), length=int(ref.shape[1]), past=past,
+                         forced=ctx.forced_tokens if past == 0 else None)
 
 
 def _shorten_hook(module, args, output, slot: ContextSlot, scatter_back: bool):
@@ -399,4 +410,4 @@ class LmDrop:
             index[s, sl] = k
             valid[s, sl] = True
         ctx.lm_keep = LmKeep(after_layer=self.after_layer, index=index.to(device), valid=valid.to(device),
-                             length=length)
+                             length=length, full_output=self.scatter_back)

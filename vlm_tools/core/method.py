@@ -64,6 +64,10 @@ class CallContext:
         scores: `(rows, T)` the selecting method's scores of the current patch tokens (fp32; published in the trace).
         kept: per vision row, the kept original patch indices (set by the wrapper after `select`).
         lm_spans: per sample, `(start, length, image index)` of each image's placeholder run in the LLM input.
+        lm_input_ids: the (shrunk, re-padded) `input_ids` the language model receives.
+        lm_attention_mask: its 2-D attention mask.
+        forced_tokens: `(B,)` trailing teacher-forced tokens per sample (`WrappedModel.forward(forced_tokens=...)`):
+            LLM-stage methods decide at the last prompt token before them, as during generation.
         lm_call: what the language model was called with in its current call (set by `core.lm_drop`).
         lm_keep: the LLM-side kept layout after an LLM-stage drop (set by `core.lm_drop`; `None`: every position).
         llm_kept: per `(sample, image)`, the patch indices kept by an LLM-stage decision (same index space as
@@ -80,6 +84,9 @@ class CallContext:
     scores: torch.Tensor | None = None
     kept: list[torch.Tensor] | None = None
     lm_spans: list[list[tuple[int, int, int]]] | None = None
+    lm_input_ids: torch.Tensor | None = None
+    lm_attention_mask: torch.Tensor | None = None
+    forced_tokens: torch.Tensor | None = None
     lm_call: LmCall | None = None
     lm_keep: LmKeep | None = None
     llm_kept: dict[tuple[int, int], torch.Tensor] | None = None

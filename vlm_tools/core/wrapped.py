@@ -31,10 +31,45 @@ from vlm_tools.core.hooks import HookHandle, find_hooks, marked_ids, remove_mark
 from vlm_tools.core.method import CallContext, ContextSlot, Method, TokenRecord, all_rows, current_index
 from vlm_tools.core.tokens import assign_images, padding_side, shrink_placeholders
 
-__all__ = ["WrappedModel", "Trace", "SampleTrace", "wrap", "attached", "build_methods"]
+__all__ = ["WrappedModel", "Trace", "SampleTrace", "SequenceLayout", "wrap", "attached", "build_methods"]
 
 # Module methods that act on the base model in place and return the module: the wrapper returns itself instead.
 _CHAINABLE = ("to", "eval", "train", "cuda", "cpu", "float", "half", "bfloat16", "double", "requires_grad_")
+
+
+@dataclass
+class SequenceLayout:
+    """What each position of the sequence the language model returned holds (one sample of a call).
+
+    This is the sequence axis of a wrapped `forward`'s logits / hidden states (for `generate`: of the prefill's).
+    Vision-side pruning shortens it; an LLM-stage drop without scatter-back (FlowCut's LLaVA-NeXT stage) shortens it
+    to the kept slots; with scatter-back (FastV) every position stays, and visual tokens removed inside the LLM are
+    marked `DROPPED` (their last-layer hidden states are stale copies from the layer before the drop).
+
+    Attributes:
+        ids: `(L,)` token id at each position (the image placeholder id at visual positions).
+        kind: `(L,)` `PAD`, `TEXT`, `VISUAL` or `DROPPED`.
+        patch: `(L,)` original patch index of visual positions (`crop * patches_per_crop + patch`); -1 at the CLS
+            feature of the "full" strategy, LLaVA-NeXT newline tokens and every non-visual position.
+        image: `(L,)` index of the image (within the sample) a visual position belongs to, -1 elsewhere.
+    """
+
+    PAD = 0
+    TEXT = 1
+    VISUAL = 2
+    DROPPED = 3
+
+    ids: torch.Tensor
+    kind: torch.Tensor
+    patch: torch.Tensor
+    image: torch.Tensor
+
+    def visual_positions(self, image: int | None = None) -> torch.Tensor:
+        """Positions of the visual tokens the last layer processed (optionally of one image)."""
+        sel = self.kind == self.VISUAL
+        if image is not None:
+            sel &= self.image == image
+        return torch.nonzero(sel).flatten()
 
 
 @dataclass
@@ -46,11 +81,13 @@ class SampleTrace:
             `crop * patches_per_crop + patch`, crop 0 being the base image).
         tokens_before: visual tokens the LLM would have seen without pruning (newline tokens included).
         tokens_after: visual tokens the LLM saw.
+        layout: what each position of the returned sequence holds (see `SequenceLayout`).
     """
 
     kept: list[torch.Tensor]
     tokens_before: int
     tokens_after: int
+    layout: SequenceLayout | None = None
 
 
 @dataclass
@@ -235,8 +272,18 @@ class WrappedModel:
 
     def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                image_sizes: torch.Tensor | None = None, **kwargs):
-        """Forward with pruning. Logits cover the shrunk sequence (see `last_trace` for the kept tokens)."""
+                image_sizes: torch.Tensor | None = None, forced_tokens: list[int] | torch.Tensor | None = None,
+                **kwargs):
+        """Forward with pruning. Logits cover the shrunk sequence (see `last_trace` for the kept tokens).
+
+        Args:
+            forced_tokens: per sample, how many trailing tokens are a teacher-forced continuation of the prompt (an
+                answer). Methods that decide inside the LLM (FastV, FlowCut's LLaVA-NeXT stage) then rank with the
+                last prompt token before them, so the pass computes exactly what generating that answer computed.
+                Vision-side methods do not depend on it.
+        """
+        if forced_tokens is not None:
+            kwargs["_forced_tokens"] = forced_tokens
         return self._run("forward", input_ids, pixel_values, attention_mask, labels, image_sizes, kwargs)
 
     def generate(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
@@ -249,6 +296,7 @@ class WrappedModel:
     def _run(self, mode, input_ids, pixel_values, attention_mask, labels, image_sizes, kwargs):
         if self._handle.removed:
             raise RuntimeError("this WrappedModel was unwrapped; wrap the model again")
+        forced = kwargs.pop("_forced_tokens", None)
         if not self._enabled:
             call = self.model.generate if mode == "generate" else self.model
             extra = {"labels": labels} if labels is not None else {}
@@ -260,7 +308,7 @@ class WrappedModel:
             raise ValueError("WrappedModel needs input_ids (the processor's output), not inputs_embeds")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        ctx = CallContext()
+        ctx = CallContext(forced_tokens=_forced(forced, attention_mask))
         self._slot.ctx = ctx
         try:
             t0 = time.perf_counter()
@@ -284,6 +332,7 @@ class WrappedModel:
             if has_placeholders:
                 raise ValueError("the prompt has image placeholder tokens but pixel_values is missing")
             ctx.lm_spans = [[] for _ in range(input_ids.shape[0])]
+            ctx.lm_input_ids, ctx.lm_attention_mask = input_ids, attention_mask
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
             if labels is not None:
                 inputs["labels"] = labels
@@ -330,6 +379,7 @@ class WrappedModel:
         new_ids, new_mask, new_labels, new_spans = shrink_placeholders(input_ids, attention_mask, labels, spans,
                                                                        after, pad_id, side)
         ctx.lm_spans = new_spans
+        ctx.lm_input_ids, ctx.lm_attention_mask = new_ids, new_mask
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         inputs = {"input_ids": new_ids, "attention_mask": new_mask,
@@ -362,6 +412,7 @@ class WrappedModel:
         n_samples = len(spans)
         samples = []
         plan = ctx.plan
+        layouts = self._layouts(ctx)
         for s in range(n_samples):
             imgs = [img for _, _, img in spans[s]]
             kept_imgs = []
@@ -373,12 +424,51 @@ class WrappedModel:
                 kept_imgs.append(torch.cat([ctx.kept[r].cpu() + j * plan.n_patches for j, r in enumerate(rws)]))
             tb = sum(before[i] for i in imgs)
             ta = ctx.tokens_after[s] if ctx.tokens_after is not None else sum(after[i] for i in imgs)
-            samples.append(SampleTrace(kept=kept_imgs, tokens_before=tb, tokens_after=ta))
+            samples.append(SampleTrace(kept=kept_imgs, tokens_before=tb, tokens_after=ta, layout=layouts[s]))
         extra = {}
         if ctx.scores is not None:
             extra["scores"] = ctx.scores.detach().float().cpu()  # per vision row, over current patches
         return Trace(method="+".join(m.name for m in self.methods), samples=samples, prefill_ms=prefill_ms,
                      grid=plan.grid if plan is not None else None, layer_tokens=list(ctx.layer_tokens), extra=extra)
+
+
+    def _layouts(self, ctx: CallContext) -> list[SequenceLayout]:
+        """Per sample, what each position of the returned sequence holds (see `SequenceLayout`)."""
+        L = SequenceLayout
+        ids = ctx.lm_input_ids.cpu()
+        kind = torch.where(ctx.lm_attention_mask.cpu().bool(), L.TEXT, L.PAD)
+        patch = torch.full_like(ids, -1)
+        image = torch.full_like(ids, -1)
+        for s, runs in enumerate(ctx.lm_spans):
+            for k, (start, n, img) in enumerate(runs):
+                kind[s, start:start + n] = L.VISUAL
+                patch[s, start:start + n] = ctx.token_layout(self.adapter, img)
+                image[s, start:start + n] = k
+        keep = ctx.lm_keep
+        if keep is not None:
+            index, valid = keep.index.cpu(), keep.valid.cpu()
+            if keep.full_output:
+                seen = torch.zeros_like(kind, dtype=torch.bool)
+                for s in range(ids.shape[0]):
+                    seen[s, index[s, valid[s]]] = True
+                kind = torch.where((kind == L.VISUAL) & ~seen, L.DROPPED, kind)
+            else:
+                ids, patch, image = (t.gather(1, index) for t in (ids, patch, image))
+                kind = torch.where(valid, kind.gather(1, index), L.PAD)
+                patch, image = patch.masked_fill(~valid, -1), image.masked_fill(~valid, -1)
+        return [L(ids[s], kind[s], patch[s], image[s]) for s in range(ids.shape[0])]
+
+
+def _forced(forced: list[int] | torch.Tensor | None, attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """Validate `forced_tokens` against the batch (one non-negative count per sample, below its real length)."""
+    if forced is None:
+        return None
+    t = torch.as_tensor(forced, dtype=torch.long).flatten()
+    real = attention_mask.sum(1).cpu()
+    if t.numel() != real.numel() or bool((t < 0).any()) or bool((t >= real).any()):
+        raise ValueError(f"forced_tokens must give, per sample, a count in 0..(real length - 1); got {t.tolist()} "
+                         f"for real lengths {real.tolist()}")
+    return t
 
 
 def _chain(wrapper: WrappedModel, fn, *args, **kwargs) -> WrappedModel:

@@ -64,7 +64,7 @@ def _score_hook(module, args, kwargs, slot: ContextSlot, config: FastVConfig, dr
         drop.decide(ctx, None, None, hidden.device)
         return
     adapter = adapter_ref()
-    rows = ctx.lm_call.last_positions(b, hidden.device)
+    rows = ctx.lm_call.query_positions(b, hidden.device)
     q = rotated_queries(module, hidden, pos_emb, rows)
     keys = rotated_keys(module, hidden, pos_emb)
     vis = visible_keys(mask, rows, length, length)

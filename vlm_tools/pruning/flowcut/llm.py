@@ -115,7 +115,7 @@ def _score_hook(module, args, kwargs, slot: ContextSlot, drop: LmDrop, adapter_r
     hidden = input_hidden_states(args, kwargs)
     cos, sin = kwargs["position_embeddings"]
     rows = hidden.shape[0]
-    queries = ctx.lm_call.last_positions(rows, hidden.device).tolist()
+    queries = ctx.lm_call.query_positions(rows, hidden.device).tolist()
     targets = image_targets(ctx)
     scores = ctx.state.setdefault(LLM_KEY, {})
     scores.clear()
