@@ -162,3 +162,36 @@ def test_cli_writes_json_and_png(tmp_path):
     assert [r["label"] for r in data["runs"]] == ["base", "cls_topk ratio=0.75", "cls_topk ratio=0.9"]
     assert data["runs"][1]["layers"][0]["n_image"] == 16
     assert (tmp_path / "dominance.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_dominance_with_flowcut_on_llava_next_counts_what_each_layer_saw():
+    """FlowCut's LLaVA-NeXT stage shortens the sequence after decoder layer 1: every layer's |T| and |O| are the
+    tokens it attended to (read from the published kept layout), equal to the trace and to a count by hand."""
+    case = TinyCase("llava_next", text_layers=4)
+    model, proc = case.model, case.processor
+    img = Image.fromarray((np.random.default_rng(4).random((40, 60, 3)) * 255).astype("uint8"))
+    inputs = proc(images=[img], text=[PROMPTS[0]], return_tensors="pt")
+    n_text = int((inputs["input_ids"] != model.config.image_token_id).sum())
+    seen: dict[int, int] = {}
+
+    def grab(layer):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            seen.setdefault(layer, hidden.shape[1])  # the prefill: the first call of the generation
+        return hook
+
+    layers = model.model.language_model.layers
+    handles = [lay.register_forward_pre_hook(grab(i), with_kwargs=True) for i, lay in enumerate(layers)]
+    try:
+        with vlm_tools.attached(model, "flowcut", keep=8) as wrapped:
+            report = dominance(wrapped, proc, img, PROMPTS[0], max_new_tokens=2)
+            trace = wrapped.last_trace
+    finally:
+        for h in handles:
+            h.remove()
+    by_hand = [seen[i] - n_text for i in range(len(layers))]
+    after = dict(trace.layer_tokens)["llm.1"][0]
+    assert by_hand[2] == by_hand[3] == after < by_hand[0] == by_hand[1]
+    assert [s.n_image for s in report.layers] == by_hand
+    assert [s.n_text for s in report.layers] == [n_text] * len(layers)
+    assert find_hooks(model) == []

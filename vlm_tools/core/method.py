@@ -32,10 +32,9 @@ from vlm_tools.core.hooks import HookHandle
 
 if TYPE_CHECKING:
     from vlm_tools.core.adapters import ModelAdapter, VisionPlan
-    from vlm_tools.core.lm_drop import LmCall, LmKeep
 
-__all__ = ["Method", "Modifier", "CallContext", "ContextSlot", "TokenRecord", "current_index", "all_rows",
-           "SELECTING_KINDS"]
+__all__ = ["Method", "Modifier", "CallContext", "ContextSlot", "TokenRecord", "LmCall", "LmKeep", "current_index",
+           "all_rows", "SELECTING_KINDS"]
 
 #: Kinds whose method chooses the visual tokens before the LLM.
 SELECTING_KINDS = ("vision", "projector")
@@ -50,6 +49,99 @@ class TokenRecord(NamedTuple):
 
     where: str
     tokens: list[int]
+
+
+@dataclass
+class LmCall:
+    """What the language model was called with in its current call (one prefill or one decoding step; set by
+    `vlm_tools.core.lm_drop`).
+
+    Attributes:
+        mask2d: the call's 2-D attention mask over the full-length key axis, or None (no padding).
+        position_ids: the call's position ids, or None (the default numbering from `past`).
+        length: query length of the call.
+        past: cached length before the call (0: a prefill).
+        forced: `(B,)` trailing teacher-forced tokens per row (see `WrappedModel.forward`), or None.
+        decided: whether a drop decision was made in this call.
+        layer_kwargs: the replacement mask / rotary / position kwargs of the layers after the drop (computed once).
+    """
+
+    mask2d: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    length: int
+    past: int
+    forced: torch.Tensor | None = None
+    decided: bool = False
+    layer_kwargs: dict | None = None
+
+    @property
+    def prefill(self) -> bool:
+        """Whether the call starts from an empty cache (the prompt; every call of a cache-less generate)."""
+        return self.past == 0
+
+    def query_positions(self, rows: int, device) -> torch.Tensor:
+        """`(rows,)` position of each row's last prompt token in a prefill: the query whose attention an LLM-stage
+        method decides with (the last attended token, before any teacher-forced continuation)."""
+        if self.mask2d is None or self.mask2d.shape[-1] != self.length:
+            last = torch.full((rows,), self.length - 1, dtype=torch.long, device=device)
+        else:
+            pos = torch.arange(1, self.length + 1, device=self.mask2d.device)
+            last = ((self.mask2d.bool().long() * pos).max(dim=1).values - 1).clamp_min(0).to(device)
+        if self.forced is not None:
+            last = last - self.forced.to(device)
+        return last
+
+    def positions(self, rows: int, device) -> torch.Tensor:
+        """`(rows, length)` position ids the model uses in this call (its own, or the default numbering)."""
+        if self.position_ids is not None:
+            return self.position_ids.to(device).expand(rows, -1)
+        return (torch.arange(self.length, device=device) + self.past).expand(rows, -1)
+
+
+@dataclass
+class LmKeep:
+    """The kept layout of an LLM-stage drop (`vlm_tools.core.lm_drop`): what decoder layers `> after_layer` hold.
+
+    Attributes:
+        after_layer: the drop happens at the output of this decoder layer.
+        index: `(B, S)` original prompt position of each slot of the shortened sequence (padding slots: 0).
+        valid: `(B, S)` False on padding slots.
+        length: the prompt length of the prefill.
+        full_output: the last layer's output is scattered back to the full length (FastV), so the returned sequence
+            covers every prompt position; otherwise it covers the kept slots.
+        held: internal: the full hidden states at the drop, kept until the scatter-back.
+    """
+
+    after_layer: int
+    index: torch.Tensor
+    valid: torch.Tensor
+    length: int
+    full_output: bool = False
+    held: torch.Tensor | None = None
+
+    @property
+    def from_layer(self) -> int:
+        """The first decoder layer that runs on the kept positions."""
+        return self.after_layer + 1
+
+    @property
+    def removed(self) -> torch.Tensor:
+        """`(B,)` prompt positions removed per row."""
+        return self.length - self.valid.sum(1)
+
+    def keys_of(self, values: torch.Tensor, n_keys: int, fill) -> torch.Tensor:
+        """Map a per-position tensor `(B, L + generated)` onto the key axis of a layer `>= from_layer`.
+
+        The result has `n_keys` columns: the kept prompt positions (padding slots get `fill`), then the generated
+        positions. Raises `RuntimeError` when `values` is too short for the layer's keys.
+        """
+        short = torch.where(self.valid.to(values.device), values.gather(1, self.index.to(values.device)),
+                            torch.as_tensor(fill, dtype=values.dtype, device=values.device))
+        extra = n_keys - short.shape[1]
+        out = torch.cat([short, values[:, self.length:self.length + extra]], dim=1)
+        if out.shape[1] != n_keys:
+            raise RuntimeError(f"a layer after the drop attends to {n_keys} keys but {out.shape[1]} are known")
+        return out
 
 
 @dataclass
