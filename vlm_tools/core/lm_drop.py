@@ -154,7 +154,7 @@ def _call_hook(module, args, kwargs, slot: ContextSlot) -> None:
                            "drop hold fewer tokens; run the whole generation through the wrapped model")
     ctx.lm_call = LmCall(mask2d=mask if isinstance(mask, torch.Tensor) else None,
                          position_ids=kwargs.get("position_ids"), length=int(ref.shape[1]), past=past,
-                         forced=ctx.forced_tokens if past == 0 else None)
+                         forced=ctx.forced_tokens if past == 0 else None, first=ctx.lm_call is None)
 
 
 def _shorten_hook(module, args, output, slot: ContextSlot, scatter_back: bool):
@@ -302,6 +302,11 @@ class LmDrop:
         if drops is None or all(d.numel() == 0 for d in drops):
             ctx.lm_keep = None
             return
+        ctx.lm_keep = self._keep(call, drops, device)
+        if call.first:
+            ctx.prompt_keep = ctx.lm_keep
+
+    def _keep(self, call: LmCall, drops: list[torch.Tensor], device) -> LmKeep:
         length = call.length
         keeps = []
         for d in drops:
@@ -317,5 +322,5 @@ class LmDrop:
             sl = slice(0, k.numel()) if right else slice(width - k.numel(), width)
             index[s, sl] = k
             valid[s, sl] = True
-        ctx.lm_keep = LmKeep(after_layer=self.after_layer, index=index.to(device), valid=valid.to(device),
-                             length=length, full_output=self.scatter_back)
+        return LmKeep(after_layer=self.after_layer, index=index.to(device), valid=valid.to(device), length=length,
+                      full_output=self.scatter_back)

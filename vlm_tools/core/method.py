@@ -62,6 +62,7 @@ class LmCall:
         length: query length of the call.
         past: cached length before the call (0: a prefill).
         forced: `(B,)` trailing teacher-forced tokens per row (see `WrappedModel.forward`), or None.
+        first: whether this is the first language-model call of the wrapped call (the prompt's prefill).
         decided: whether a drop decision was made in this call.
         layer_kwargs: the replacement mask / rotary / position kwargs of the layers after the drop (computed once).
     """
@@ -71,6 +72,7 @@ class LmCall:
     length: int
     past: int
     forced: torch.Tensor | None = None
+    first: bool = False
     decided: bool = False
     layer_kwargs: dict | None = None
 
@@ -161,7 +163,9 @@ class CallContext:
         forced_tokens: `(B,)` trailing teacher-forced tokens per sample (`WrappedModel.forward(forced_tokens=...)`):
             LLM-stage methods decide at the last prompt token before them, as during generation.
         lm_call: what the language model was called with in its current call (set by `core.lm_drop`).
-        lm_keep: the LLM-side kept layout after an LLM-stage drop (set by `core.lm_drop`; `None`: every position).
+        lm_keep: the LLM-side kept layout of the current pass after an LLM-stage drop (set by `core.lm_drop`; `None`:
+            every position). A cache-less `generate` decides afresh at every step.
+        prompt_keep: the kept layout of the call's first pass (the prompt), what `SequenceLayout` describes.
         llm_kept: per `(sample, image)`, the patch indices kept by an LLM-stage decision (same index space as
             `kept`: `crop * patches_per_crop + patch`).
         tokens_after: per sample, the visual tokens the LLM's last layers saw after an LLM-stage decision.
@@ -181,6 +185,7 @@ class CallContext:
     forced_tokens: torch.Tensor | None = None
     lm_call: LmCall | None = None
     lm_keep: LmKeep | None = None
+    prompt_keep: LmKeep | None = None
     llm_kept: dict[tuple[int, int], torch.Tensor] | None = None
     tokens_after: list[int] | None = None
     layer_tokens: list[TokenRecord] = field(default_factory=list)

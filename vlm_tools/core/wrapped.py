@@ -444,7 +444,7 @@ class WrappedModel:
                 kind[s, start:start + n] = L.VISUAL
                 patch[s, start:start + n] = ctx.token_layout(self.adapter, img)
                 image[s, start:start + n] = k
-        keep = ctx.lm_keep
+        keep = ctx.prompt_keep
         if keep is not None:
             index, valid = keep.index.cpu(), keep.valid.cpu()
             if keep.full_output:
