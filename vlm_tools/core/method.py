@@ -21,6 +21,8 @@ or drop tokens; "modifier" changes the vision tower without selecting tokens and
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -213,12 +215,37 @@ class CallContext:
 
 
 class ContextSlot:
-    """Holds the current `CallContext` of one wrapped model (None between calls)."""
+    """Holds the current `CallContext` of one wrapped model, per thread (None between calls).
 
-    __slots__ = ("ctx",)
+    Each thread sees its own context, so concurrent calls of one wrapped model from several threads do not mix their
+    state. The slot remembers (weakly) the model whose hooks read it: a copy of the model (`copy.deepcopy`, pickling)
+    carries copies of the hooks whose slot owns nothing, which lets a later `wrap` recognise them as stale.
+    """
 
-    def __init__(self) -> None:
-        self.ctx: CallContext | None = None
+    __slots__ = ("_local", "_owner")
+
+    def __init__(self, owner: nn.Module | None = None) -> None:
+        self._local = threading.local()
+        self._owner = weakref.ref(owner) if owner is not None else None
+
+    @property
+    def ctx(self) -> CallContext | None:
+        """This thread's current context."""
+        return getattr(self._local, "ctx", None)
+
+    @ctx.setter
+    def ctx(self, value: CallContext | None) -> None:
+        self._local.ctx = value
+
+    def owned_by(self, model: nn.Module) -> bool:
+        """Whether the hooks reading this slot were attached to `model` itself (not to a model it was copied from)."""
+        return self._owner is not None and self._owner() is model
+
+    def __deepcopy__(self, memo) -> ContextSlot:
+        return ContextSlot()  # a copy belongs to no live wrapper
+
+    def __reduce__(self):
+        return ContextSlot, ()
 
 
 class Method:

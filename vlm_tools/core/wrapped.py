@@ -17,7 +17,10 @@ would treat the wrapper as a second owner of the same parameters.
 from __future__ import annotations
 
 import functools
+import threading
 import time
+import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,11 +30,12 @@ import torch
 from torch import nn
 
 from vlm_tools.core.adapters import ModelAdapter, get_adapter
-from vlm_tools.core.hooks import HookHandle, find_hooks, marked_ids, remove_marked_since
+from vlm_tools.core.hooks import HookHandle, marked_hooks, marked_ids, remove_marked, remove_marked_since
 from vlm_tools.core.method import CallContext, ContextSlot, Method, TokenRecord, all_rows, current_index
 from vlm_tools.core.tokens import assign_images, padding_side, shrink_placeholders
 
-__all__ = ["WrappedModel", "Trace", "SampleTrace", "SequenceLayout", "wrap", "attached", "build_methods"]
+__all__ = ["WrappedModel", "Trace", "SampleTrace", "SequenceLayout", "wrap", "attached", "build_methods",
+           "unwrap_model"]
 
 # Module methods that act on the base model in place and return the module: the wrapper returns itself instead.
 _CHAINABLE = ("to", "eval", "train", "cuda", "cpu", "float", "half", "bfloat16", "double", "requires_grad_")
@@ -178,6 +182,10 @@ def build_methods(method: str | Method | list, config: dict) -> list[Method]:
         out.append(info.cls(info.config_cls.from_dict(cfg, method=name)))
     if not out:
         raise ValueError("no method given")
+    names = [m.name for m in out]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"method(s) {twice} given more than once; stack each method at most once")
     acting = [m for m in out if m.kind != "modifier"]
     if len(acting) > 1:
         raise ValueError(f"at most one pruning method per wrap, got {[m.name for m in acting]}; "
@@ -192,18 +200,14 @@ class WrappedModel:
     """
 
     def __init__(self, model: nn.Module, methods: list[Method]) -> None:
-        leftover = find_hooks(model)
-        if leftover:
-            raise RuntimeError(f"this model is already wrapped by vlm_tools (hooks on {leftover[0][0] or 'root'}); "
-                               "call unwrap() on the existing WrappedModel first")
+        self.adapter: ModelAdapter = get_adapter(model)  # first: anything but a supported model raises here
+        _drop_stale_hooks(model)
         self.model = model
-        self.adapter: ModelAdapter = get_adapter(model)
         self.methods = methods
         for m in methods:
             m.check(self.adapter)
-        self._slot = ContextSlot()
-        self._enabled = True
-        self.last_trace: Trace | None = None
+        self._slot = ContextSlot(owner=model)
+        self._local = threading.local()  # per thread: last_trace, disabled()
         self._handle = HookHandle("wrap")
         before = marked_ids(model)
         try:
@@ -214,6 +218,8 @@ class WrappedModel:
             self._handle.remove()
             remove_marked_since(model, before)  # hooks of a method whose attach failed before returning its handle
             raise
+        # a wrapper that is dropped without unwrap() (e.g. `wrap(model, ...)(**inputs)` in one line) removes its hooks
+        weakref.finalize(self, self._handle.remove)
 
     # -- public API ------------------------------------------------------------------------------------------
     @property
@@ -237,6 +243,23 @@ class WrappedModel:
     def is_wrapped(self) -> bool:
         return not self._handle.removed
 
+    @property
+    def last_trace(self) -> Trace | None:
+        """The trace of this thread's last wrapped call (None before the first)."""
+        return getattr(self._local, "trace", None)
+
+    @last_trace.setter
+    def last_trace(self, trace: Trace | None) -> None:
+        self._local.trace = trace
+
+    @property
+    def _enabled(self) -> bool:
+        return getattr(self._local, "enabled", True)
+
+    @_enabled.setter
+    def _enabled(self, value: bool) -> None:
+        self._local.enabled = value
+
     def unwrap(self) -> nn.Module:
         """Remove every hook this wrapper attached and return the base model (the same object)."""
         self._handle.remove()
@@ -244,7 +267,7 @@ class WrappedModel:
 
     @contextmanager
     def disabled(self) -> Iterator[nn.Module]:
-        """Within this block, calls go to the base model unchanged (hooks stay attached but inactive)."""
+        """Within this block, calls (of this thread) go to the base model unchanged (hooks stay attached, inactive)."""
         prev = self._enabled
         self._enabled = False
         try:
@@ -259,6 +282,13 @@ class WrappedModel:
         state = "attached" if self.is_wrapped else "unwrapped"
         methods = " + ".join(repr(m) for m in self.methods)
         return f"WrappedModel({type(self.model).__name__}, {methods}, {state})"
+
+    def __reduce__(self):
+        # pickling / deepcopy: the base model (with copies of the hooks, stale once copied) and the methods; loading
+        # drops the stale hooks and wraps the copy afresh
+        if not self.is_wrapped:
+            raise TypeError("an unwrapped WrappedModel cannot be pickled; pickle its base model")
+        return _rewrap, (self.model, [_method_spec(m) for m in self.methods])
 
     def __getattr__(self, name: str):
         # only called for names the wrapper does not have: the base model's own (see the module docstring)
@@ -469,6 +499,56 @@ def _forced(forced: list[int] | torch.Tensor | None, attention_mask: torch.Tenso
         raise ValueError(f"forced_tokens must give, per sample, a count in 0..(real length - 1); got {t.tolist()} "
                          f"for real lengths {real.tolist()}")
     return t
+
+
+def _slot_of(fn) -> ContextSlot | None:
+    slot = getattr(fn, "keywords", {}).get("slot")
+    return slot if isinstance(slot, ContextSlot) else None
+
+
+def _drop_stale_hooks(model: nn.Module) -> None:
+    """Refuse a model wrapped by a live wrapper; remove vlm_tools hooks that a copy of a wrapped model carried."""
+    hooks = marked_hooks(model)
+    if not hooks:
+        return
+    live = [fn for fn in hooks if (slot := _slot_of(fn)) is not None and slot.owned_by(model)]
+    if live:
+        raise RuntimeError("this model is already wrapped by vlm_tools; call unwrap() on the existing WrappedModel, "
+                           "or vlm_tools.unwrap(model) to remove every vlm_tools hook from it")
+    n = remove_marked(model)
+    warnings.warn(f"removed {n} stale vlm_tools hook(s) that this model carried from the model it was copied from "
+                  "(deepcopy / pickle of a wrapped model)", RuntimeWarning, stacklevel=3)
+
+
+def unwrap_model(model: nn.Module | WrappedModel) -> nn.Module:
+    """Remove every vlm_tools hook from `model` (also when its wrapper is gone) and return the base model.
+
+    A `WrappedModel` is unwrapped the normal way (`wrapped.unwrap()`); for a plain model every marked hook is removed,
+    whoever attached it. Parameters are never left swapped between calls, so removing the hooks restores the model.
+    """
+    if isinstance(model, WrappedModel):
+        return model.unwrap()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unwrap() takes a model or a WrappedModel, got {type(model).__name__}")
+    remove_marked(model)
+    return model
+
+
+def _method_spec(m: Method):
+    from vlm_tools._registry import get_method
+
+    try:
+        registered = get_method(m.name).cls is type(m)
+    except KeyError:
+        registered = False
+    return (m.name, m.config.to_dict()) if registered else m
+
+
+def _rewrap(model: nn.Module, specs: list) -> WrappedModel:
+    """Unpickling a WrappedModel: the model's copied hooks are stale (their slots own nothing); wrap it afresh."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return WrappedModel(model, build_methods(list(specs), {}))
 
 
 def _chain(wrapper: WrappedModel, fn, *args, **kwargs) -> WrappedModel:

@@ -22,7 +22,6 @@ own last token, as FastV without a cache does. Only `DynamicCache` is supported 
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 from torch import nn
@@ -52,7 +51,8 @@ def _budget(n_valid: int, keep: int | None, ratio: float | None) -> int:
     return max(1, round(n_valid * (1.0 - ratio)))
 
 
-def _score_hook(module, args, kwargs, slot: ContextSlot, config: FastVConfig, drop: LmDrop, adapter_ref) -> None:
+def _score_hook(module, args, kwargs, slot: ContextSlot, config: FastVConfig, drop: LmDrop,
+                adapter: ModelAdapter) -> None:
     """Inside layer K-1's attention (prefill): rank each image's tokens by the last token's attention."""
     ctx = slot.ctx
     if not LmDrop.scoring(ctx):
@@ -63,7 +63,6 @@ def _score_hook(module, args, kwargs, slot: ContextSlot, config: FastVConfig, dr
     if not any(spans):
         drop.decide(ctx, None, None, hidden.device)
         return
-    adapter = adapter_ref()
     rows = ctx.lm_call.query_positions(b, hidden.device)
     q = rotated_queries(module, hidden, pos_emb, rows)
     keys = rotated_keys(module, hidden, pos_emb)
@@ -116,7 +115,7 @@ class FastV(Pruner):
             drop.attach(handle, adapter, slot)
             handle.forward_pre_hook(adapter.lm_layers[self.config.layer - 1].self_attn,
                                     functools.partial(_score_hook, slot=slot, config=self.config, drop=drop,
-                                                      adapter_ref=weakref.ref(adapter)),
+                                                      adapter=adapter),
                                     with_kwargs=True)
 
         return attach_guarded(self.name, register)

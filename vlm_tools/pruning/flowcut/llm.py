@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
 
 import torch
 from torch import nn
@@ -96,22 +95,21 @@ def _will_prune(ctx: CallContext, adapter: ModelAdapter) -> bool:
     return any(int((ctx.token_layout(adapter, i) >= 0).sum()) > t for i, t in enumerate(targets))
 
 
-def _labels_hook(module, args, kwargs, slot: ContextSlot, adapter_ref) -> None:
+def _labels_hook(module, args, kwargs, slot: ContextSlot, adapter: ModelAdapter) -> None:
     ctx = slot.ctx
     if ctx is None or kwargs.get("labels") is None or ctx.plan is None:
         return
-    if _will_prune(ctx, adapter_ref()):
+    if _will_prune(ctx, adapter):
         raise ValueError("flowcut's LLaVA-NeXT LLM stage shortens the sequence inside the language model, so "
                          "per-token labels (a loss) cannot be computed; wrap with llm_layer=None to prune in the "
                          "vision tower only")
 
 
-def _score_hook(module, args, kwargs, slot: ContextSlot, drop: LmDrop, adapter_ref) -> None:
+def _score_hook(module, args, kwargs, slot: ContextSlot, drop: LmDrop, adapter: ModelAdapter) -> None:
     """Pre-hook on the pruning layer's attention (prefill only): text-query scores, tokens to remove per row."""
     ctx = slot.ctx
     if not LmDrop.scoring(ctx):
         return
-    adapter = adapter_ref()
     hidden = input_hidden_states(args, kwargs)
     cos, sin = kwargs["position_embeddings"]
     rows = hidden.shape[0]
@@ -146,9 +144,8 @@ def _score_hook(module, args, kwargs, slot: ContextSlot, drop: LmDrop, adapter_r
 def attach(handle: HookHandle, model: nn.Module, adapter: ModelAdapter, slot: ContextSlot, llm_layer: int) -> None:
     """Register the LLM-stage hooks on `handle` (the caller removes them if anything fails)."""
     drop = drop_of(llm_layer)
-    ref = weakref.ref(adapter)
-    handle.forward_pre_hook(model, functools.partial(_labels_hook, slot=slot, adapter_ref=ref), with_kwargs=True)
+    handle.forward_pre_hook(model, functools.partial(_labels_hook, slot=slot, adapter=adapter), with_kwargs=True)
     drop.attach(handle, adapter, slot)
     handle.forward_pre_hook(adapter.lm_layers[llm_layer].self_attn,
-                            functools.partial(_score_hook, slot=slot, drop=drop, adapter_ref=ref), with_kwargs=True)
+                            functools.partial(_score_hook, slot=slot, drop=drop, adapter=adapter), with_kwargs=True)
 
