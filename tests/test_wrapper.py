@@ -140,3 +140,27 @@ def test_two_threads_equal_sequential_calls(name, cfg):
             t.join()
     assert errors == [] and wrong == []
     assert find_hooks(case.model) == []
+
+
+@pytest.mark.parametrize("kind", ["llava", "llava_next"])
+def test_right_padded_generate_equals_left_padded(kind):
+    """A right-padded batch (the tokenizer's default for many checkpoints) generates what the left-padded one does."""
+    from vlm_tools.testing import PROMPTS, make_images
+
+    case = TinyCase(kind)
+    imgs = make_images()
+    tok = case.processor.tokenizer
+    tok.padding_side = "right"
+    try:
+        right = case.processor(images=imgs, text=PROMPTS, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = "left"
+    left = case.batch
+    assert right["attention_mask"][:, -1].min() == 0  # the fixture really is right-padded
+    for name, cfg in [("none", {}), ("cls_topk", {"keep": 8}), ("fastv", {"keep": 8, "layer": 1})]:
+        with vlm_tools.attached(case.model, name, **cfg) as w, torch.no_grad():
+            a = w.generate(**left, max_new_tokens=4, do_sample=False)
+            b = w.generate(**right, max_new_tokens=4, do_sample=False)
+            n = left["input_ids"].shape[1]
+        assert torch.equal(b[:, :n], right["input_ids"])  # the caller's own prompt comes back
+        assert torch.equal(a[:, n:], b[:, n:]), name

@@ -143,18 +143,21 @@ def _call_hook(module, args, kwargs, slot: ContextSlot) -> None:
         raise ValueError("an LLM-stage drop needs the 2-D attention mask of a dynamic cache; static / compiled "
                          "caches are not supported")
     spans = ctx.lm_spans or []
-    if ref.shape[0] != len(spans):
-        raise ValueError(f"the language model saw {ref.shape[0]} rows for {len(spans)} prompts: beam search and "
-                         "num_return_sequences > 1 are not supported with an LLM-stage method")
+    rows = int(ref.shape[0])
+    if not spans or rows % len(spans):
+        raise ValueError(f"the language model saw {rows} rows for {len(spans)} prompts")
+    per = rows // len(spans)  # generate repeats each sample num_beams / num_return_sequences times
     past = int(cache.get_seq_length()) if cache is not None else 0
     if past == 0:
         ctx.lm_keep = None
     elif ctx.lm_call is None:
         raise RuntimeError("cannot continue a KV cache produced outside this call: the layers after an LLM-stage "
                            "drop hold fewer tokens; run the whole generation through the wrapped model")
+    forced = ctx.forced_tokens.repeat_interleave(per) if ctx.forced_tokens is not None and past == 0 else None
     ctx.lm_call = LmCall(mask2d=mask if isinstance(mask, torch.Tensor) else None,
                          position_ids=kwargs.get("position_ids"), length=int(ref.shape[1]), past=past,
-                         forced=ctx.forced_tokens if past == 0 else None, first=ctx.lm_call is None)
+                         spans=[spans[r // per] for r in range(rows)], per_sample=per, forced=forced,
+                         first=ctx.lm_call is None)
 
 
 def _shorten_hook(module, args, output, slot: ContextSlot, scatter_back: bool):
@@ -290,15 +293,17 @@ class LmDrop:
 
         Args:
             ctx: the call context.
-            drops: per sample, the prompt positions to remove (None: nothing is removed).
-            visual_after: per sample, the visual tokens the layers after the drop see (recorded in the trace).
+            drops: per row of the call, the prompt positions to remove (None: nothing is removed).
+            visual_after: per row, the visual tokens the layers after the drop see (recorded in the trace per
+                sample).
             device: where the hidden states live.
         """
         call = ctx.lm_call
         call.decided = True
         if visual_after is not None:
-            ctx.tokens_after = list(visual_after)
-            ctx.record_tokens(f"llm.{self.after_layer}", visual_after)
+            per_sample = list(visual_after)[::call.per_sample]
+            ctx.tokens_after = per_sample
+            ctx.record_tokens(f"llm.{self.after_layer}", per_sample)
         if drops is None or all(d.numel() == 0 for d in drops):
             ctx.lm_keep = None
             return

@@ -63,6 +63,9 @@ class LmCall:
         position_ids: the call's position ids, or None (the default numbering from `past`).
         length: query length of the call.
         past: cached length before the call (0: a prefill).
+        spans: per row of the call, `(start, length, image)` of each image's placeholder run (the rows of one sample
+            repeat its spans under `num_return_sequences` / beam search).
+        per_sample: rows per sample (`generate` expands each sample `num_beams` / `num_return_sequences` times).
         forced: `(B,)` trailing teacher-forced tokens per row (see `WrappedModel.forward`), or None.
         first: whether this is the first language-model call of the wrapped call (the prompt's prefill).
         decided: whether a drop decision was made in this call.
@@ -73,10 +76,16 @@ class LmCall:
     position_ids: torch.Tensor | None
     length: int
     past: int
+    spans: list[list[tuple[int, int, int]]] = field(default_factory=list)
+    per_sample: int = 1
     forced: torch.Tensor | None = None
     first: bool = False
     decided: bool = False
     layer_kwargs: dict | None = None
+
+    def sample_of(self, row: int) -> int:
+        """The sample (prompt) a row of the call belongs to."""
+        return row // self.per_sample
 
     @property
     def prefill(self) -> bool:

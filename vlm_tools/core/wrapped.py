@@ -342,7 +342,7 @@ class WrappedModel:
         self._slot.ctx = ctx
         try:
             t0 = time.perf_counter()
-            model_inputs, spans_info = self._prepare(ctx, input_ids, pixel_values, attention_mask, labels,
+            model_inputs, spans_info = self._prepare(ctx, mode, input_ids, pixel_values, attention_mask, labels,
                                                      image_sizes)
             if mode == "forward":
                 out = self.model(**model_inputs, **kwargs)
@@ -355,13 +355,20 @@ class WrappedModel:
         finally:
             self._slot.ctx = None
 
-    def _prepare(self, ctx: CallContext, input_ids, pixel_values, attention_mask, labels, image_sizes):
+    def _prepare(self, ctx: CallContext, mode: str, input_ids, pixel_values, attention_mask, labels, image_sizes):
         ad = self.adapter
         has_placeholders = bool((input_ids == ad.image_token_id).any())
+        # generation continues every row at its end: a right-padded batch is re-padded on the left for the LLM (the
+        # returned sequences still start with the caller's own input_ids)
+        side = "left" if mode == "generate" else padding_side(attention_mask)
         if pixel_values is None:
             if has_placeholders:
                 raise ValueError("the prompt has image placeholder tokens but pixel_values is missing")
             ctx.lm_spans = [[] for _ in range(input_ids.shape[0])]
+            if side != padding_side(attention_mask):
+                input_ids, attention_mask, labels, _ = shrink_placeholders(
+                    input_ids, attention_mask, labels, ctx.lm_spans, [], self._pad_id(input_ids, attention_mask),
+                    side)
             ctx.lm_input_ids, ctx.lm_attention_mask = input_ids, attention_mask
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
             if labels is not None:
@@ -404,7 +411,6 @@ class WrappedModel:
         feats = ad.pack(projected, kept, plan)
         after = [f.shape[0] for f in feats]
 
-        side = padding_side(attention_mask)
         pad_id = self._pad_id(input_ids, attention_mask)
         new_ids, new_mask, new_labels, new_spans = shrink_placeholders(input_ids, attention_mask, labels, spans,
                                                                        after, pad_id, side)
@@ -431,7 +437,10 @@ class WrappedModel:
     @staticmethod
     def _restore_prompt(out, input_ids, shrunk_len):
         seqs = out if isinstance(out, torch.Tensor) else out.sequences
-        restored = torch.cat([input_ids.to(seqs.device), seqs[:, shrunk_len:]], dim=1)
+        prompt = input_ids.to(seqs.device)
+        if seqs.shape[0] != prompt.shape[0]:  # num_return_sequences: each sample's rows are adjacent
+            prompt = prompt.repeat_interleave(seqs.shape[0] // prompt.shape[0], dim=0)
+        restored = torch.cat([prompt, seqs[:, shrunk_len:]], dim=1)
         if isinstance(out, torch.Tensor):
             return restored
         out.sequences = restored
@@ -476,7 +485,8 @@ class WrappedModel:
                 image[s, start:start + n] = k
         keep = ctx.prompt_keep
         if keep is not None:
-            index, valid = keep.index.cpu(), keep.valid.cpu()
+            per = keep.index.shape[0] // ids.shape[0]  # generate's num_beams / num_return_sequences rows per sample
+            index, valid = keep.index.cpu()[::per], keep.valid.cpu()[::per]
             if keep.full_output:
                 seen = torch.zeros_like(kind, dtype=torch.bool)
                 for s in range(ids.shape[0]):

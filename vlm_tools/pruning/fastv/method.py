@@ -59,7 +59,7 @@ def _score_hook(module, args, kwargs, slot: ContextSlot, config: FastVConfig, dr
         return
     hidden, pos_emb, mask = layer_inputs(args, kwargs)
     b, length, _ = hidden.shape
-    spans = ctx.lm_spans
+    spans = ctx.lm_call.spans
     if not any(spans):
         drop.decide(ctx, None, None, hidden.device)
         return
@@ -82,7 +82,7 @@ def _score_hook(module, args, kwargs, slot: ContextSlot, config: FastVConfig, dr
             scores = probs[s, start:start + n][patch_pos]
             order = torch.sort(scores, descending=True, stable=True).indices
             keep_local, drop_local = patch_pos[order[:k]], patch_pos[order[k:]]
-            kept[(s, img)] = layout[keep_local].sort().values
+            kept[(ctx.lm_call.sample_of(s), img)] = layout[keep_local].sort().values
             drop_s.append(drop_local + start)
             n_after += n - drop_local.numel()
         drops.append(torch.cat(drop_s) if drop_s else torch.zeros(0, dtype=torch.long))

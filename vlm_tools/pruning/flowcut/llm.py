@@ -120,7 +120,7 @@ def _score_hook(module, args, kwargs, slot: ContextSlot, drop: LmDrop, adapter: 
     removed: list[list[int]] = [[] for _ in range(rows)]
     ctx.llm_kept = ctx.llm_kept or {}
     for b in range(rows):
-        for start, span, image in ctx.lm_spans[b]:
+        for start, span, image in ctx.lm_call.spans[b]:
             layout = ctx.token_layout(adapter, image).to(hidden.device)
             if layout.numel() != span:
                 raise RuntimeError(f"flowcut: image {image} has {span} LLM tokens but its packed layout "
@@ -135,8 +135,8 @@ def _score_hook(module, args, kwargs, slot: ContextSlot, drop: LmDrop, adapter: 
             keep[torch.topk(score, targets[image], sorted=False).indices] = True
             removed[b] += positions[~keep].tolist()
             scores[(b, image)] = score
-            ctx.llm_kept[(b, image)] = layout[is_patch][keep].sort().values.cpu()
-    after = [sum(span for _, span, _ in ctx.lm_spans[b]) - len(removed[b]) for b in range(rows)]
+            ctx.llm_kept[(ctx.lm_call.sample_of(b), image)] = layout[is_patch][keep].sort().values.cpu()
+    after = [sum(span for _, span, _ in ctx.lm_call.spans[b]) - len(removed[b]) for b in range(rows)]
     drops = [torch.tensor(r, dtype=torch.long) for r in removed]
     drop.decide(ctx, drops, after, hidden.device)
 
