@@ -8,8 +8,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from vlm_tools.errors import OutputDirError
+
 __all__ = ["write_bytes_atomic", "write_text_atomic", "write_json_atomic", "pyplot", "figure_png", "write_figure",
-           "png_data_uri"]
+           "png_data_uri", "ensure_writable_dir", "plain_text"]
 
 
 def write_bytes_atomic(path: str | Path, data: bytes, mode: int = 0o644) -> Path:
@@ -78,3 +80,25 @@ def png_data_uri(png: bytes) -> str:
     import base64
 
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def ensure_writable_dir(path: str | Path) -> Path:
+    """Create `path` if needed and check that files can be written in it, before any work is done.
+
+    Raises:
+        OutputDirError: the folder cannot be created or written (e.g. read-only, a file in the way).
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-check.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputDirError(f"cannot write to the output folder {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def plain_text(text: str) -> str:
+    """User text for matplotlib without mathtext: `$` is shown as a dollar sign, not parsed as math."""
+    return str(text).replace("$", r"\$")
