@@ -129,11 +129,11 @@ def test_distill_the_tower_of_a_saved_llava_then_wrap(tmp_path):
     """End to end: `hf:<llava folder>` loads only its tower; distil at LLaVA's feature block; wrap with the export."""
     from PIL import Image
 
-    from vlm_tools.registers import distill
+    from vlm_tools.registers import backbones, distill
 
     tiny = TinyCase("llava", "dinov2")
     tiny.model.save_pretrained(str(tmp_path / "llava"))
-    tower = distill.load_backbone(f"hf:{tmp_path / 'llava'}")
+    tower = backbones.load_backbone(f"hf:{tmp_path / 'llava'}")
     ref = get_adapter(tiny.model).vision_tower.state_dict()
     assert tower.state_dict().keys() == ref.keys()
     assert all(torch.equal(v, ref[k]) for k, v in tower.state_dict().items())

@@ -6,16 +6,9 @@ Public API::
 """
 
 from .artifacts import ArtifactMeasures, artifact_report, measure_artifacts, outlier_mask, summarize
-from .backbones import BackboneSpec, describe, patch_tokens
-from .distill import (
-    CheckpointError,
-    DistillConfig,
-    DistillSummary,
-    distill_loss,
-    load_backbone,
-    load_checkpoint,
-    run_distillation,
-)
+from .backbones import BACKBONE_SHORTCUTS, load_backbone
+from .checkpoint import CheckpointError, OutputExistsError, load_checkpoint, student_from_checkpoint
+from .distill import DistillConfig, DistillSummary, distill_loss, run_distillation
 from .student import (
     RegisterHooks,
     RegisterStudent,
@@ -29,9 +22,9 @@ from .student import (
 from .tta import TTAResult, ViewPlan, sample_plan, tta_denoise
 
 __all__ = [
-    "ArtifactMeasures", "BackboneSpec", "CheckpointError", "DistillConfig", "DistillSummary", "RegisterHooks",
-    "RegisterStudent", "StudentConfig", "StudentFormatError", "TTAResult", "ViewPlan", "artifact_report",
-    "attach_registers", "build_student", "describe", "distill_loss", "load_backbone", "load_checkpoint",
-    "load_student", "measure_artifacts", "outlier_mask", "patch_tokens", "run_distillation", "sample_plan",
-    "save_student", "summarize", "tta_denoise",
+    "BACKBONE_SHORTCUTS", "ArtifactMeasures", "CheckpointError", "DistillConfig", "DistillSummary",
+    "OutputExistsError", "RegisterHooks", "RegisterStudent", "StudentConfig", "StudentFormatError", "TTAResult",
+    "ViewPlan", "artifact_report", "attach_registers", "build_student", "distill_loss", "load_backbone",
+    "load_checkpoint", "load_student", "measure_artifacts", "outlier_mask", "run_distillation", "sample_plan",
+    "save_student", "student_from_checkpoint", "summarize", "tta_denoise",
 ]

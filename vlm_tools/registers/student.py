@@ -3,14 +3,15 @@
 Two ways to add the registers, both without touching any library class:
 
 * ``native`` (timm ``VisionTransformer``): the copy is given timm's own register mechanism, exactly as
-  ``timm.create_model(..., reg_tokens=N)`` builds it: a ``reg_token`` parameter after the CLS token, ``num_prefix_tokens``
-  and ``num_reg_tokens`` increased, and (for models whose position embedding covers the prefix tokens) zero position
-  rows for the new registers. timm's own forward then inserts and (via ``num_prefix_tokens``) skips them.
+  ``timm.create_model(..., reg_tokens=N)`` builds it: a ``reg_token`` parameter after the CLS token,
+  ``num_prefix_tokens`` and ``num_reg_tokens`` increased, and (for models whose position embedding covers the prefix
+  tokens) zero position rows for the new registers. timm's own forward then inserts and (via ``num_prefix_tokens``)
+  skips them.
 * ``hook`` (HF ``Dinov2Model``, ``CLIPVisionModel``): a forward hook on the instance's ``embeddings`` module appends the
   registers at the END of the sequence (after pos-emb, before any pre-norm), and a forward hook on the model strips
   them from ``last_hidden_state``, every ``hidden_states`` entry and any ``attentions``, so downstream code sees the
-  original token layout (CLS at 0, patches at ``1:``). The hooks live in a :class:`RegisterHooks` handle with an
-  idempotent ``remove()``.
+  original token layout (CLS at 0, patches at ``1:``). The hooks are marked `vlm_tools.core.hooks` hooks held by a
+  :class:`RegisterHooks` handle (a `HookHandle`) with an idempotent ``remove()``.
 
 Unlocked groups (``StudentConfig.unlock``): ``registers``, ``pos_embed``, ``patch_embed`` and ``last_block`` (the
 ``unlock_last_blocks`` blocks ending at the distillation target block). Everything else is frozen.
@@ -23,7 +24,7 @@ import functools
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlm_tools.core.io import write_bytes_atomic
+from vlm_tools.core.adapters import TowerSpec, get_tower
+from vlm_tools.core.hooks import HookHandle
+from vlm_tools.core.io import replace_dir_atomic, write_bytes_atomic, write_json_atomic
 
-from . import backbones
+from .backbones import unlock_param_names
 
 __all__ = [
     "DEFAULT_UNLOCK",
@@ -46,11 +49,11 @@ __all__ = [
     "StudentFormatError",
     "attach_registers",
     "build_student",
-    "iter_hooks",
     "load_student",
     "read_student_export",
     "save_student",
     "strip_registers",
+    "vit_of",
 ]
 
 UNLOCK_GROUPS = ("registers", "pos_embed", "patch_embed", "last_block")
@@ -112,30 +115,16 @@ class StudentConfig:
         return cls(**{k: (tuple(v) if k == "unlock" else v) for k, v in data.items()})
 
 
-class RegisterHooks:
-    """Handle of the register hooks on one model instance; ``remove()`` is idempotent.
+class RegisterHooks(HookHandle):
+    """The `HookHandle` of the register hooks on one model instance (marked hooks; `remove()` is idempotent).
 
     Usable as a context manager (removes on exit).
     """
 
-    def __init__(self, handles: list) -> None:
-        self._handles = list(handles)
-
     @property
     def active(self) -> bool:
         """Whether the hooks are still attached."""
-        return bool(self._handles)
-
-    def remove(self) -> None:
-        """Remove every hook (safe to call more than once)."""
-        while self._handles:
-            self._handles.pop().remove()
-
-    def __enter__(self) -> RegisterHooks:  # noqa: PYI034
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
+        return not self.removed and any(True for _ in self)
 
 
 def _append_registers(registers: nn.Parameter, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -194,20 +183,20 @@ def attach_registers(vit: nn.Module, registers: nn.Parameter) -> RegisterHooks:
         TypeError: For timm models (use :func:`build_student`, which uses timm's native registers) or other models.
         ValueError: If the register width does not match the model.
     """
-    spec = backbones.describe(vit)
+    tower = get_tower(vit)
+    spec = tower.spec
     if spec.family == "timm":
         raise TypeError("timm VisionTransformer takes native registers; use build_student()")
     if registers.ndim != 3 or registers.shape[0] != 1 or registers.shape[2] != spec.embed_dim:
         raise ValueError(f"registers must have shape (1, N, {spec.embed_dim}), got {tuple(registers.shape)}")
-    handles: list = []
+    handle = RegisterHooks("registers.student")
     try:
-        handles.append(vit.embeddings.register_forward_hook(functools.partial(_append_registers, registers)))
-        handles.append(vit.register_forward_hook(functools.partial(strip_registers, int(registers.shape[1]))))
+        handle.forward_hook(tower.embeddings, functools.partial(_append_registers, registers))
+        handle.forward_hook(vit, functools.partial(strip_registers, int(registers.shape[1])))
     except BaseException:
-        for h in handles:
-            h.remove()
+        handle.remove()
         raise
-    return RegisterHooks(handles)
+    return handle
 
 
 def _add_native_registers(vit: nn.Module, init: torch.Tensor) -> None:
@@ -238,11 +227,11 @@ class RegisterStudent(nn.Module):
         vit: The ViT (timm with native registers, or HF with register hooks attached).
         config: The :class:`StudentConfig`.
         mode: ``"native"`` or ``"hook"``.
-        base_spec: :class:`.backbones.BackboneSpec` of the base model (before registers).
+        base_spec: the `TowerSpec` of the base model (before registers).
         registers: The register parameter in hook mode (``None`` in native mode: see :meth:`get_registers`).
     """
 
-    def __init__(self, vit: nn.Module, config: StudentConfig, base_spec: backbones.BackboneSpec, mode: str,
+    def __init__(self, vit: nn.Module, config: StudentConfig, base_spec: TowerSpec, mode: str,
                  registers: nn.Parameter | None, hooks: RegisterHooks | None) -> None:
         super().__init__()
         self.vit = vit
@@ -251,8 +240,8 @@ class RegisterStudent(nn.Module):
         self.mode = mode
         self.registers = registers
         self._hooks = hooks
-        self._unlocked = backbones.unlock_param_names(vit, config.unlock, config.unlock_last_blocks,
-                                                      config.target_block)
+        self.tower = get_tower(vit)
+        self._unlocked = unlock_param_names(vit, config.unlock, config.unlock_last_blocks, config.target_block)
 
     @property
     def num_registers(self) -> int:
@@ -298,7 +287,7 @@ class RegisterStudent(nn.Module):
             block: Override of ``config.target_block`` (``None`` uses the config; the final output when that is
                 ``None`` too).
         """
-        return backbones.patch_tokens(self.vit, pixel_values, self.config.target_block if block is None else block)
+        return self.tower.patch_tokens(pixel_values, self.config.target_block if block is None else block)
 
     def remove_hooks(self) -> None:
         """Detach the register hooks (hook mode; idempotent). The student then behaves like the plain copy."""
@@ -311,6 +300,11 @@ class RegisterStudent(nn.Module):
         return self._hooks is not None and self._hooks.active
 
 
+def vit_of(model: nn.Module) -> nn.Module:
+    """The ViT of a `RegisterStudent` (registers attached), or `model` itself for a plain ViT."""
+    return model.vit if isinstance(model, RegisterStudent) else model
+
+
 def _init_registers(n: int, dim: int, config: StudentConfig, like: torch.Tensor) -> torch.Tensor:
     gen = torch.Generator().manual_seed(int(config.init_seed))
     std = config.init_std if config.init_std is not None else 1.0 / math.sqrt(dim)
@@ -321,16 +315,17 @@ def build_student(teacher: nn.Module, config: StudentConfig | None = None) -> Re
     """Build a register student from a (frozen) teacher ViT; the teacher instance is not modified.
 
     Args:
-        teacher: A supported ViT (:data:`.backbones.SUPPORTED_FAMILIES`).
+        teacher: A supported ViT (`vlm_tools.core.adapters.SUPPORTED_TOWER_FAMILIES`).
         config: Student settings (defaults: 16 registers, PH-Reg's unlocked groups).
 
     Returns:
         The student (a deep copy of the teacher plus registers), with only the unlocked parameters requiring grad.
     """
     config = config or StudentConfig()
-    base_spec = backbones.describe(teacher)
+    base_tower = get_tower(teacher)
+    base_spec = base_tower.spec
     if config.target_block is not None:
-        backbones.resolve_block(config.target_block, base_spec.depth)
+        base_tower.resolve_block(config.target_block)
     vit = copy.deepcopy(teacher)
     ref = next(vit.parameters())
     init = _init_registers(config.num_registers, base_spec.embed_dim, config, ref)
@@ -348,11 +343,13 @@ def build_student(teacher: nn.Module, config: StudentConfig | None = None) -> Re
 def save_student(student: RegisterStudent, out_dir: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
     """Export the student: ``student.safetensors`` (registers + unlocked parameters) and ``student_config.json``.
 
-    Both files are written atomically (temp file + rename).
+    The folder is written as a set (`vlm_tools.core.io.replace_dir_atomic`): both files go to a temporary sibling
+    that then replaces ``out_dir``, so a failure leaves the previous export (or none) intact, never a weights file
+    beside a config of another student.
 
     Args:
         student: The student.
-        out_dir: Directory to write to (created if needed).
+        out_dir: Directory to write (replaced as a whole if it exists; its parent is created if needed).
         extra: Extra JSON-serialisable metadata stored under ``"extra"`` (e.g. training settings).
 
     Returns:
@@ -361,7 +358,12 @@ def save_student(student: RegisterStudent, out_dir: str | os.PathLike, extra: Ma
     from safetensors.torch import save
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        other = sorted(p.name for p in out.iterdir()) if out.is_dir() else [out.name]
+        other = [n for n in other if n not in (STUDENT_WEIGHTS, STUDENT_CONFIG)]
+        if other or not out.is_dir():
+            raise FileExistsError(f"{out} holds other files than a student export ({other[:3]}); an export replaces "
+                                  "its folder as a whole, so give a new or an export folder")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in student.exported_named_parameters().items()}
     meta = {
         "format": _FORMAT,
@@ -373,9 +375,13 @@ def save_student(student: RegisterStudent, out_dir: str | os.PathLike, extra: Ma
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
         "extra": dict(extra or {}),
     }
-    write_bytes_atomic(out / STUDENT_WEIGHTS, save(tensors))
-    write_bytes_atomic(out / STUDENT_CONFIG, (json.dumps(meta, indent=2) + "\n").encode())
-    return out
+    weights = save(tensors)
+
+    def fill(folder: Path) -> None:
+        write_bytes_atomic(folder / STUDENT_WEIGHTS, weights)
+        write_json_atomic(folder / STUDENT_CONFIG, meta, indent=2)
+
+    return replace_dir_atomic(out, fill)
 
 
 def read_student_export(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -423,7 +429,7 @@ def load_student(path: str | os.PathLike, base_model: nn.Module) -> RegisterStud
     """
     meta, tensors = read_student_export(path)
     folder = Path(path) if Path(path).is_dir() else Path(path).parent
-    spec = backbones.describe(base_model)
+    spec = get_tower(base_model).spec
     base = meta.get("base", {})
     for key in ("family", "embed_dim", "depth", "patch_size", "num_prefix_tokens"):
         if base.get(key) != getattr(spec, key):
@@ -444,11 +450,3 @@ def load_student(path: str | os.PathLike, base_model: nn.Module) -> RegisterStud
                                          f"expected {tuple(p.shape)}")
             p.copy_(t.to(dtype=p.dtype, device=p.device))
     return student.eval()
-
-
-def iter_hooks(module: nn.Module) -> Iterator[tuple[str, str, int]]:
-    """Yield ``(module name, hook kind, hook id)`` for every forward/pre/backward hook under ``module``."""
-    for name, m in module.named_modules():
-        for kind in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
-            for hid in getattr(m, kind, {}):
-                yield name, kind, hid

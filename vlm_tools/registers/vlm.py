@@ -31,12 +31,11 @@ import torch
 from torch import nn
 
 from vlm_tools._registry import register_method
-from vlm_tools.core.adapters import ModelAdapter
+from vlm_tools.core.adapters import ModelAdapter, get_tower
 from vlm_tools.core.config import MethodConfig
 from vlm_tools.core.hooks import HookHandle
 from vlm_tools.core.method import ContextSlot, Modifier
 
-from . import backbones
 from .student import (
     STUDENT_CONFIG,
     STUDENT_WEIGHTS,
@@ -149,7 +148,7 @@ class RegistersModifier(Modifier):
         folder = Path(self.config.student)
         tower = adapter.vision_tower
         fam = _TOWER_FAMILY.get(adapter.tower_type)
-        spec = backbones.describe(tower)
+        spec = get_tower(tower).spec
         if meta.get("mode") != "hook" or meta.get("base", {}).get("family") != fam:
             raise StudentFormatError(f"{folder / STUDENT_CONFIG}: a {meta.get('base', {}).get('family')} "
                                      f"({meta.get('mode')}) student does not fit this {adapter.tower_type} tower")
