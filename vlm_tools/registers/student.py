@@ -49,6 +49,7 @@ __all__ = [
     "StudentFormatError",
     "attach_registers",
     "build_student",
+    "export_config",
     "load_student",
     "read_student_export",
     "save_student",
@@ -88,6 +89,16 @@ class StudentConfig:
     init_std: float | None = None
 
     def __post_init__(self) -> None:
+        for name in ("num_registers", "unlock_last_blocks", "init_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+        if self.target_block is not None and (isinstance(self.target_block, bool)
+                                              or not isinstance(self.target_block, int)):
+            raise TypeError(f"target_block must be an int or None, got {self.target_block!r}")
+        if self.init_std is not None and (isinstance(self.init_std, bool)
+                                          or not isinstance(self.init_std, (int, float))):
+            raise TypeError(f"init_std must be a number or None, got {self.init_std!r}")
         if self.num_registers < 1:
             raise ValueError(f"num_registers must be >= 1, got {self.num_registers}")
         object.__setattr__(self, "unlock", tuple(self.unlock))
@@ -414,6 +425,46 @@ def read_student_export(path: str | os.PathLike) -> tuple[dict, dict[str, torch.
     return meta, tensors
 
 
+def export_config(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], folder: str | os.PathLike,
+                  spec: TowerSpec) -> StudentConfig:
+    """The `StudentConfig` of an export, checked against its weights and the base model before anything is built.
+
+    The register count of the config must be the number of register rows in the weights (a crafted
+    ``num_registers: 2**40`` fails here instead of allocating), the register width the base model's, and every
+    tensor the shape the config file declares.
+
+    Raises:
+        StudentFormatError: naming the file and the entry.
+    """
+    folder = Path(folder)
+    cfg_file, w_file = folder / STUDENT_CONFIG, folder / STUDENT_WEIGHTS
+    raw = meta.get("student")
+    if not isinstance(raw, Mapping):
+        raise StudentFormatError(f"{cfg_file}: entry 'student' must be an object of StudentConfig fields")
+    try:
+        config = StudentConfig.from_json(raw)
+    except (TypeError, ValueError) as e:
+        raise StudentFormatError(f"{cfg_file}: entry 'student': {e}") from e
+    regs = tensors.get("registers")
+    if regs is None or regs.ndim != 3 or regs.shape[0] != 1 or regs.shape[2] != spec.embed_dim:
+        raise StudentFormatError(f"{w_file}: entry 'registers' must have shape (1, N, {spec.embed_dim}), got "
+                                 f"{None if regs is None else tuple(regs.shape)}")
+    native = meta.get("mode") == "native"
+    expected = config.num_registers + (spec.num_native_registers if native else 0)
+    if regs.shape[1] != expected:
+        raise StudentFormatError(f"{cfg_file}: entry 'student.num_registers' is {config.num_registers} but {w_file} "
+                                 f"holds {regs.shape[1]} register rows"
+                                 + (f" ({spec.num_native_registers} of them the base model's)" if native else ""))
+    declared = meta.get("tensors", {})
+    if not isinstance(declared, Mapping):
+        raise StudentFormatError(f"{cfg_file}: entry 'tensors' must map tensor names to shapes")
+    for name, t in tensors.items():
+        if name in declared and list(declared[name]) != list(t.shape):
+            raise StudentFormatError(f"{cfg_file}: entry 'tensors.{name}' declares shape {declared[name]}, {w_file} "
+                                     f"holds {list(t.shape)}")
+    return config
+
+
 def load_student(path: str | os.PathLike, base_model: nn.Module) -> RegisterStudent:
     """Load an exported student onto a copy of ``base_model`` (the model the student was distilled from).
 
@@ -435,7 +486,7 @@ def load_student(path: str | os.PathLike, base_model: nn.Module) -> RegisterStud
         if base.get(key) != getattr(spec, key):
             raise StudentFormatError(f"{folder / STUDENT_CONFIG}: base model mismatch on {key!r} "
                                      f"(export {base.get(key)!r}, given model {getattr(spec, key)!r})")
-    config = StudentConfig.from_json(meta["student"])
+    config = export_config(meta, tensors, folder, spec)  # checked against the weights before anything is built
     student = build_student(base_model, config)
     params = student.exported_named_parameters()
     missing = sorted(set(params) - set(tensors))

@@ -13,10 +13,13 @@ During a wrapped call, and only then:
 * a forward hook on the tower's ``embeddings`` appends the registers at the END of the sequence (CLS and patch
   indices stay put);
 * a forward hook on the tower strips the registers from ``last_hidden_state`` and every ``hidden_states`` entry, then
-  puts the original parameter objects back.
+  puts the original parameter objects back. It is registered with ``always_call=True``: torch runs it also when the
+  tower (or a hook inside it) raises, so the base parameters are back before the exception leaves the tower and
+  ``state_dict()`` / ``save_pretrained()`` of the still-wrapped model never see the student's tensors.
 
-Outside wrapped calls (``WrappedModel.disabled()``, direct calls to the base model) the tower is untouched, and the
-handle's ``remove()`` restores the original parameter objects even after an exception inside the tower.
+Outside wrapped calls (``WrappedModel.disabled()``, direct calls to the base model) the tower is untouched (the
+pre-hook restores the base parameters if anything was left swapped), and the handle's ``remove()`` restores them in
+any case.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from torch import nn
 from vlm_tools._registry import register_method
 from vlm_tools.core.adapters import ModelAdapter, get_tower
 from vlm_tools.core.config import MethodConfig
-from vlm_tools.core.hooks import HookHandle
+from vlm_tools.core.hooks import HookHandle, mark
 from vlm_tools.core.method import ContextSlot, Modifier
 
 from .student import (
@@ -42,6 +45,7 @@ from .student import (
     StudentConfig,
     StudentFormatError,
     build_student,
+    export_config,
     read_student_export,
     save_student,
     strip_registers,
@@ -157,10 +161,8 @@ class RegistersModifier(Modifier):
             if base.get(key) != getattr(spec, key):
                 raise StudentFormatError(f"{folder / STUDENT_CONFIG}: {key}={base.get(key)} but the tower has "
                                          f"{getattr(spec, key)}")
+        export_config(meta, tensors, folder, spec)  # register count and declared shapes against the weights
         params = dict(tower.named_parameters())
-        regs = tensors.get("registers")
-        if regs is None or regs.ndim != 3 or regs.shape[0] != 1 or regs.shape[2] != spec.embed_dim:
-            raise StudentFormatError(f"{folder / STUDENT_WEIGHTS}: missing or malformed 'registers'")
         for name, t in tensors.items():
             if name == "registers":
                 continue
@@ -192,7 +194,9 @@ class RegistersModifier(Modifier):
             handle.add(functools.partial(_restore, swap))  # undone last: the original parameters are back
             handle.forward_pre_hook(tower, functools.partial(_tower_pre_hook, slot=slot, swap=swap, num_registers=n))
             handle.forward_hook(tower.embeddings, functools.partial(_embeddings_hook, slot=slot, registers=registers))
-            handle.forward_hook(tower, functools.partial(_tower_hook, slot=slot, swap=swap, num_registers=n))
+            # always_call: also runs when the tower raises, so the swap is undone inside the call that made it
+            handle.add(tower.register_forward_hook(
+                mark(functools.partial(_tower_hook, slot=slot, swap=swap, num_registers=n)), always_call=True))
         except BaseException:
             handle.remove()
             raise
