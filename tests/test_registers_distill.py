@@ -137,11 +137,50 @@ def test_corrupt_and_incompatible_checkpoints_name_the_file(tmp_path, image_dir,
 
 
 def test_schedule_is_the_reference_exponential_decay():
-    sched = distill.ExponentialDecay(lr0=1e-4, lr_min=5e-6, epochs=4, batch_size=2, num_images=4)
+    sched = distill.ExponentialDecay(lr0=1e-4, lr_min=5e-6, epochs=4, steps_per_epoch=2)
     lrs = [1e-4 * sched(step) for step in range(12)]
-    assert lrs[0] == lrs[1] == pytest.approx(1e-4)  # epoch 0
-    assert lrs[2] == pytest.approx(1e-4 * (5e-6 / 1e-4) ** 0.25)  # after the first epoch
+    assert lrs[0] == pytest.approx(1e-4)  # only the very first step runs at lr0 (issue 14.1; it was all of epoch 0)
+    assert lrs[1] == lrs[2] == pytest.approx(1e-4 * (5e-6 / 1e-4) ** 0.25)  # after the first step
     assert lrs[8] == lrs[11] == pytest.approx(5e-6)  # floor
+
+
+def official_rates(lr, end_lr, num_epochs, steps_per_epoch):
+    """The rate each optimizer step of PH-Reg's `distill_main.py` loop runs with (a plain restatement of the loop:
+    after every `optimizer.step()` it writes `lr * (end_lr / lr) ** ((epoch + 1) / num_epochs)`, floored)."""
+    rates, current = [], lr
+    decay_ratio = end_lr / lr
+    for epoch in range(num_epochs):
+        for _ in range(steps_per_epoch):
+            rates.append(current)  # this step uses the rate written after the previous one
+            new_lr = lr * decay_ratio ** ((epoch + 1) / num_epochs)
+            if new_lr <= end_lr:
+                new_lr = end_lr
+            current = new_lr
+    return rates
+
+
+@pytest.mark.parametrize(("epochs", "steps"), [(100, 3), (4, 2), (3, 7), (1, 5)])
+def test_per_step_rates_equal_the_official_loop(epochs, steps):
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, distill.ExponentialDecay(1e-4, 5e-6, epochs, steps))
+    ours = []
+    for _ in range(epochs * steps):
+        ours.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    ref = official_rates(1e-4, 5e-6, epochs, steps)
+    assert ours == pytest.approx(ref, rel=1e-12, abs=0)
+    if (epochs, steps) == (100, 3):  # the worked example of the research notes
+        assert ours[0] == 1e-4 and ours[1] == ours[3] == pytest.approx(9.7049e-5, rel=1e-4)
+        assert ours[298] == ours[299] == pytest.approx(5e-6)
+
+
+def test_the_job_logs_the_official_rate_of_every_step(tmp_path, image_dir, timm_weights):
+    cfg = _cfg(tmp_path / "run", image_dir, "timm:test_vit", timm_weights, epochs=3, max_steps=None,
+               checkpoint_every=100, lr=1e-3, lr_min=1e-4)  # 7 images, batch 2: 4 steps per epoch
+    distill.run_distillation(cfg, progress=False)
+    logged = [json.loads(ln)["lr"] for ln in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx(official_rates(1e-3, 1e-4, 3, 4), rel=1e-12, abs=0)
 
 
 def test_data_sources_and_bad_inputs(tmp_path, image_dir):

@@ -2,10 +2,11 @@
 
 The frozen teacher sees each image in ``n_views`` shift/flip views (:mod:`.tta`); the averaged patch features are the
 target of a student with registers (:mod:`.student`). Loss: ``(1 - mean cos) + mse_scale * MSE`` on patch tokens in
-fp32. AdamW; per-epoch exponential decay ``lr0 * (lr_min / lr0) ** (epoch / epochs)`` (PH-Reg's schedule, applied
-after each epoch, floor ``lr_min``). Devices through ``accelerate`` (bf16 autocast on GPU; several GPUs with
-``accelerate launch``). Checkpoints every N steps hold the trainable parameters, optimizer, scheduler, RNG states
-(python/numpy/torch) and the stream position; they are written atomically, and ``resume`` continues bit-exactly.
+fp32. AdamW with PH-Reg's per-epoch exponential decay (`ExponentialDecay`: the official loop writes the rate after
+every step with ``epoch + 1``, so it changes once per epoch, from the epoch's second step; floor ``lr_min``).
+Devices through ``accelerate`` (bf16 autocast on GPU; several GPUs with ``accelerate launch``). Checkpoints every N
+steps hold the trainable parameters, optimizer, scheduler, RNG states (python/numpy/torch) and the stream position;
+they are written atomically, and ``resume`` continues bit-exactly.
 
 The output folder belongs to one job: a new job refuses a folder that holds a previous one unless it resumes it or
 is told to overwrite it; temporaries a killed job left there are removed when the next one starts. With
@@ -219,19 +220,29 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, mse_scale: float 
 
 @dataclass
 class ExponentialDecay:
-    """LR multiplier of the reference schedule: ``max(lr_min, lr0 * (lr_min / lr0) ** (epoch / epochs)) / lr0``.
+    """LR multiplier of PH-Reg's schedule (``DINOv2_full/distill_main.py``), as a `LambdaLR` lambda of the step.
 
-    ``epoch = (step * batch_size) // num_images`` counts completed passes, so the LR changes after each epoch.
+    The official loop writes ``lr0 * (lr_min / lr0) ** ((epoch + 1) / epochs)`` (floor ``lr_min``) into the
+    optimizer after every step of epoch ``epoch``. The value changes once per epoch and is first used by the
+    epoch's second step, so optimizer step ``t`` (0-based, ``S`` steps per epoch) runs at
+    ``max(lr_min, lr0 * r ** (ceil(t / S) / epochs))`` with ``r = lr_min / lr0``: ``lr0`` for the very first step
+    only, and ``lr_min`` from the second step of the last epoch on.
+
+    ``S`` is the job's steps per epoch, ``ceil(num_images / batch_size)`` (the job's image stream has no
+    ``drop_last``; the official loader's is ``num_images // batch_size``).
     """
 
     lr0: float
     lr_min: float
     epochs: int
-    batch_size: int
-    num_images: int
+    steps_per_epoch: int
+
+    def __post_init__(self) -> None:
+        if self.steps_per_epoch < 1 or self.epochs < 1:
+            raise ValueError(f"epochs and steps_per_epoch must be >= 1, got {self.epochs}, {self.steps_per_epoch}")
 
     def __call__(self, step: int) -> float:
-        epoch = (step * self.batch_size) // self.num_images
+        epoch = -(-step // self.steps_per_epoch)  # ceil(step / S)
         lr = self.lr0 * (self.lr_min / self.lr0) ** (min(epoch, self.epochs) / self.epochs)
         return max(self.lr_min, lr) / self.lr0
 
@@ -375,7 +386,7 @@ def run_distillation(cfg: DistillConfig, *, teacher: nn.Module | None = None,
     names = list(student.trainable_named_parameters())
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, ExponentialDecay(cfg.lr, cfg.lr_min, cfg.epochs, cfg.batch_size, n_images))
+        optimizer, ExponentialDecay(cfg.lr, cfg.lr_min, cfg.epochs, steps_per_epoch))
     teacher.to(acc.device)
     student.train()
     student, optimizer = acc.prepare(student, optimizer)
