@@ -317,7 +317,7 @@ def student_from_checkpoint(path: str | os.PathLike, base_model: nn.Module) -> R
     try:
         cfg = StudentConfig(num_registers=job["num_registers"], unlock=tuple(job["unlock"]),
                             unlock_last_blocks=job["unlock_last_blocks"], target_block=job["target_block"],
-                            init_seed=job["seed"])
+                            init_seed=job["seed"], recipe=job.get("recipe", "plain"))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {ckpt['path']}: job settings do not describe a student: {e}") from e
     regs = ckpt["trainable"].get("registers")

@@ -81,6 +81,10 @@ def _add_distill(sub) -> None:
     p.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
     p.add_argument("--num-workers", type=int, default=2, help="data-loading worker processes")
     p.add_argument("--teacher-chunk", type=int, help="teacher views per forward call (default: all at once)")
+    p.add_argument("--recipe", choices=("auto", "plain", "clip"), default="auto",
+                   help="auto: PH-Reg's CLIP recipe (NACLIP teacher, value-path last block) for CLIP towers distilled "
+                        "at their final output, the plain recipe otherwise")
+    p.add_argument("--naclip-std", type=float, default=5.0, help="Gaussian window std of the CLIP recipe's teacher")
     run = p.add_mutually_exclusive_group()
     run.add_argument("--resume", nargs="?", const=True, default=None,
                      help="resume from the latest checkpoint in --out, or from the given checkpoint file")
@@ -161,7 +165,7 @@ def _run_distill(args: argparse.Namespace) -> int:
         unlock_last_blocks=args.unlock_last_blocks, target_block=args.target_block, mse_scale=args.mse_scale,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, seed=args.seed,
         mixed_precision=args.mixed_precision, cpu=args.cpu, num_workers=args.num_workers,
-        teacher_chunk=args.teacher_chunk)
+        teacher_chunk=args.teacher_chunk, recipe=args.recipe, naclip_std=args.naclip_std)
     resume = args.resume if args.resume in (None, True) else Path(args.resume)
     summary = run_distillation(cfg, resume=resume, overwrite=args.overwrite, progress=not args.no_progress,
                                handle_signals=True)

@@ -34,11 +34,13 @@ import torch
 from torch import nn
 
 from vlm_tools.core.adapters import get_tower
+from vlm_tools.core.hooks import HookHandle
 from vlm_tools.core.io import write_json_atomic
 
 from . import checkpoint as ck
 from . import data, tta
 from .backbones import BACKBONE_SHORTCUTS, load_backbone
+from .clip_recipe import NACLIP_STD, RECIPES, attach_naclip_teacher, dense_projection, resolve_recipe
 from .student import DEFAULT_UNLOCK, RegisterStudent, StudentConfig, build_student, save_student
 
 __all__ = [
@@ -54,7 +56,8 @@ STUDENT_DIR = "student"
 # Settings that shape the training trajectory: a checkpoint only resumes a job that agrees on all of them.
 _TRAJECTORY_KEYS = ("backbone", "weights", "model_kwargs", "image_size", "batch_size", "lr", "lr_min",
                     "weight_decay", "epochs", "num_registers", "n_views", "shift_frac", "unlock",
-                    "unlock_last_blocks", "target_block", "mse_scale", "seed", "mixed_precision")
+                    "unlock_last_blocks", "target_block", "mse_scale", "seed", "mixed_precision", "recipe",
+                    "naclip_std")
 
 
 @dataclass
@@ -92,6 +95,9 @@ class DistillConfig:
         cpu: Force CPU even when a GPU is present.
         num_workers: Data-loading worker processes.
         teacher_chunk: Teacher views per forward call (``None``: all views of a batch at once).
+        recipe: ``auto`` (PH-Reg's CLIP recipe for CLIP towers distilled at their final output, the plain recipe
+            otherwise), ``clip`` or ``plain`` (see `.clip_recipe`).
+        naclip_std: Std (in patches) of the CLIP recipe teacher's Gaussian window (NACLIP's default 5).
     """
 
     backbone: str
@@ -121,6 +127,8 @@ class DistillConfig:
     cpu: bool = False
     num_workers: int = 0
     teacher_chunk: int | None = None
+    recipe: str = "auto"
+    naclip_std: float = NACLIP_STD
 
     def __post_init__(self) -> None:
         self.unlock = tuple(self.unlock)
@@ -149,13 +157,22 @@ class DistillConfig:
                 raise ValueError(msg)
         if (self.images is None) == (self.dataset is None):
             raise ValueError("give exactly one of images (a folder) or dataset")
+        if self.recipe not in ("auto", *RECIPES):
+            raise ValueError(f"recipe must be auto, {', '.join(RECIPES)}; got {self.recipe!r}")
+        if self.recipe == "clip" and self.target_block is not None:
+            raise ValueError("the CLIP recipe distils the final output (it replaces the last block); "
+                             f"target_block={self.target_block} needs recipe 'plain'")
+        if not self.naclip_std > 0:
+            raise ValueError(f"naclip_std must be positive, got {self.naclip_std}")
         self.student_config()  # validates registers/unlock/target settings
 
-    def student_config(self) -> StudentConfig:
-        """The :class:`StudentConfig` of this job."""
+    def student_config(self, recipe: str | None = None) -> StudentConfig:
+        """The :class:`StudentConfig` of this job (``recipe``: the resolved recipe; default: the configured one,
+        ``auto`` read as ``plain``)."""
+        recipe = recipe or ("plain" if self.recipe == "auto" else self.recipe)
         return StudentConfig(num_registers=self.num_registers, unlock=self.unlock,
                              unlock_last_blocks=self.unlock_last_blocks, target_block=self.target_block,
-                             init_seed=self.seed)
+                             init_seed=self.seed, recipe=recipe)
 
     def to_json(self) -> dict:
         """JSON-serialisable dict."""
@@ -364,7 +381,8 @@ def run_distillation(cfg: DistillConfig, *, teacher: nn.Module | None = None,
     if teacher is None:
         teacher = load_backbone(cfg.backbone, cfg.weights, cfg.model_kwargs, cfg.image_size)
     teacher.eval()
-    student = build_student(teacher, cfg.student_config())
+    recipe = resolve_recipe(cfg.recipe, teacher, cfg.target_block)
+    student = build_student(teacher, cfg.student_config(recipe))  # before the teacher gets the recipe's hooks
     spec = student.base_spec
     teacher_tower = get_tower(teacher)
     size = cfg.image_size or spec.image_size
@@ -377,6 +395,9 @@ def run_distillation(cfg: DistillConfig, *, teacher: nn.Module | None = None,
     job["unlock"] = list(cfg.unlock)
     job["image_size"] = size
     job["mixed_precision"] = _mixed_precision(cfg)
+    job["recipe"] = recipe
+    if recipe != "clip":
+        job["naclip_std"] = None
     job["images_fingerprint"] = hashlib.sha256("\n".join(source.fingerprint()).encode()).hexdigest()
     job["num_images"] = n_images
     job["num_processes"] = acc.num_processes
@@ -419,8 +440,11 @@ def run_distillation(cfg: DistillConfig, *, teacher: nn.Module | None = None,
                                          generator=torch.Generator())
     fill = spec.white()
 
+    projection = dense_projection(teacher) if recipe == "clip" else None
+
     def teacher_fn(x: torch.Tensor) -> torch.Tensor:
-        return teacher_tower.patch_tokens(x, cfg.target_block)
+        feats = teacher_tower.patch_tokens(x, cfg.target_block)
+        return feats if projection is None else projection(feats)
 
     def save(done: int) -> Path:
         path = ck.save_checkpoint(
@@ -435,6 +459,9 @@ def run_distillation(cfg: DistillConfig, *, teacher: nn.Module | None = None,
     last_ckpt: Path | None = None
     saved_at = start
     bar = tqdm(total=total, initial=start, disable=not (progress and main), desc="distill", dynamic_ncols=True)
+    teacher_hooks = HookHandle("registers.teacher")
+    if recipe == "clip":  # NACLIP's last block on the teacher instance, for this job only
+        attach_naclip_teacher(teacher, teacher_hooks, cfg.naclip_std)
     with _stop_on_signals(handle_signals) as stop:
         try:
             batches = iter(loader)
@@ -490,6 +517,7 @@ def run_distillation(cfg: DistillConfig, *, teacher: nn.Module | None = None,
             if stop.signum is not None and saved_at != start + len(times) and main:
                 last_ckpt = save(start + len(times))  # stopped while fetching a batch
         finally:
+            teacher_hooks.remove()
             bar.close()
             log.close()
 
@@ -502,7 +530,11 @@ def run_distillation(cfg: DistillConfig, *, teacher: nn.Module | None = None,
         checkpoint=str(last_ckpt) if last_ckpt else None, stopped_by=stop.name)
     if main and steps_done == total:
         raw_student.eval()
-        student_dir = save_student(raw_student, out / STUDENT_DIR, extra={"job": cfg.to_json(), "steps": steps_done})
+        teacher_info = ({"kind": "naclip", "gaussian_std": cfg.naclip_std, "last_block": "key-key attention + "
+                         "Gaussian window, no residual / MLP", "projection": projection is not None}
+                        if recipe == "clip" else {"kind": "plain"})
+        student_dir = save_student(raw_student, out / STUDENT_DIR, extra={
+            "job": cfg.to_json(), "steps": steps_done, "recipe": recipe, "teacher": teacher_info})
         summary.student_dir = str(student_dir)
     if main:
         write_json_atomic(out / "summary.json", dataclasses.asdict(summary), indent=2)

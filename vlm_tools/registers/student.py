@@ -37,6 +37,7 @@ from vlm_tools.core.hooks import HookHandle
 from vlm_tools.core.io import replace_dir_atomic, write_bytes_atomic, write_json_atomic
 
 from .backbones import unlock_param_names
+from .clip_recipe import RECIPES, attach_value_readout, check_clip_tower, dense_projection
 
 __all__ = [
     "DEFAULT_UNLOCK",
@@ -79,6 +80,8 @@ class StudentConfig:
         target_block: Block whose output is distilled (``None``: the final normalised output, as in PH-Reg).
         init_seed: Seed of the register initialisation.
         init_std: Std of the register initialisation (``None``: ``1/sqrt(D)``, PH-Reg's ``randn/sqrt(D)``).
+        recipe: ``"plain"`` (the tower as it is) or ``"clip"`` (PH-Reg's CLIP recipe, `.clip_recipe`: the last
+            block keeps only its value path, and dense features get the tower's projection; final output only).
     """
 
     num_registers: int = 16
@@ -87,6 +90,7 @@ class StudentConfig:
     target_block: int | None = None
     init_seed: int = 0
     init_std: float | None = None
+    recipe: str = "plain"
 
     def __post_init__(self) -> None:
         for name in ("num_registers", "unlock_last_blocks", "init_seed"):
@@ -109,6 +113,10 @@ class StudentConfig:
             raise ValueError(f"unlock_last_blocks must be >= 0, got {self.unlock_last_blocks}")
         if self.init_std is not None and self.init_std <= 0:
             raise ValueError(f"init_std must be positive, got {self.init_std}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; choose from {list(RECIPES)}")
+        if self.recipe == "clip" and self.target_block is not None:
+            raise ValueError("the CLIP recipe distils the final output; target_block must be None")
 
     def to_json(self) -> dict:
         """JSON-serialisable form."""
@@ -298,16 +306,20 @@ class RegisterStudent(nn.Module):
             block: Override of ``config.target_block`` (``None`` uses the config; the final output when that is
                 ``None`` too).
         """
-        return self.tower.patch_tokens(pixel_values, self.config.target_block if block is None else block)
+        target = self.config.target_block if block is None else block
+        tokens = self.tower.patch_tokens(pixel_values, target)
+        proj = dense_projection(self.vit) if self.config.recipe == "clip" and target is None else None
+        return tokens if proj is None else proj(tokens)
 
     def remove_hooks(self) -> None:
-        """Detach the register hooks (hook mode; idempotent). The student then behaves like the plain copy."""
+        """Detach the student's hooks (registers in hook mode, the CLIP recipe's value readout; idempotent). The
+        student then behaves like the plain copy."""
         if self._hooks is not None:
             self._hooks.remove()
 
     @property
     def hooks_active(self) -> bool:
-        """Whether register hooks are attached (always ``False`` in native mode)."""
+        """Whether the student's hooks are attached (native mode has some only with the CLIP recipe)."""
         return self._hooks is not None and self._hooks.active
 
 
@@ -337,16 +349,21 @@ def build_student(teacher: nn.Module, config: StudentConfig | None = None) -> Re
     base_spec = base_tower.spec
     if config.target_block is not None:
         base_tower.resolve_block(config.target_block)
+    if config.recipe == "clip":
+        check_clip_tower(teacher)
     vit = copy.deepcopy(teacher)
     ref = next(vit.parameters())
     init = _init_registers(config.num_registers, base_spec.embed_dim, config, ref)
     if base_spec.family == "timm":
         _add_native_registers(vit, init)
-        student = RegisterStudent(vit, config, base_spec, "native", None, None)
+        mode, registers, hooks = "native", None, None
     else:
         registers = nn.Parameter(init)
-        hooks = attach_registers(vit, registers)
-        student = RegisterStudent(vit, config, base_spec, "hook", registers, hooks)
+        mode, hooks = "hook", attach_registers(vit, registers)
+    if config.recipe == "clip":
+        hooks = hooks or RegisterHooks("registers.student")
+        attach_value_readout(vit, hooks)
+    student = RegisterStudent(vit, config, base_spec, mode, registers, hooks)
     student.freeze_for_training()
     return student
 
@@ -380,6 +397,7 @@ def save_student(student: RegisterStudent, out_dir: str | os.PathLike, extra: Ma
         "format": _FORMAT,
         "mode": student.mode,
         "register_position": "after_cls" if student.mode == "native" else "end",
+        "recipe": student.config.recipe,
         "student": student.config.to_json(),
         "base": student.base_spec.to_json(),
         "base_class": f"{type(student.vit).__module__}.{type(student.vit).__name__}",

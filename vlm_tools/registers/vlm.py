@@ -17,6 +17,10 @@ During a wrapped call, and only then:
   tower (or a hook inside it) raises, so the base parameters are back before the exception leaves the tower and
   ``state_dict()`` / ``save_pretrained()`` of the still-wrapped model never see the student's tensors.
 
+Wrapping warns when the export was distilled at another block than the one the LLaVA reads (its
+``vision_feature_layer``; distil with ``--target-block <feature block>``), and refuses exports of PH-Reg's CLIP
+recipe (a value-only last block read after the final norm, which a LLaVA never reads).
+
 Outside wrapped calls (``WrappedModel.disabled()``, direct calls to the base model) the tower is untouched (the
 pre-hook restores the base parameters if anything was left swapped), and the handle's ``remove()`` restores them in
 any case.
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,6 +153,19 @@ class RegistersModifier(Modifier):
         return self._export
 
     def check(self, adapter: ModelAdapter) -> None:
+        """Raise `StudentFormatError` if the export does not fit the tower; warn if it was distilled at another block
+        than the one the LLaVA reads (its features there were not trained)."""
+        config = self._validate(adapter)
+        distilled = None if config.target_block is None else get_tower(adapter.vision_tower).resolve_block(
+            config.target_block)
+        if distilled != adapter.feature_block:
+            where = "the final normalised output" if distilled is None else f"block {distilled}"
+            warnings.warn(f"registers: {self.config.student} was distilled at {where}, but this model reads vision "
+                          f"block {adapter.feature_block} (vision_feature_layer={adapter.feature_layer}); the "
+                          f"student was not trained for that block. Distil with --target-block "
+                          f"{adapter.feature_block} for this model.", UserWarning, stacklevel=3)
+
+    def _validate(self, adapter: ModelAdapter) -> StudentConfig:
         meta, tensors = self._load()
         folder = Path(self.config.student)
         tower = adapter.vision_tower
@@ -161,7 +179,12 @@ class RegistersModifier(Modifier):
             if base.get(key) != getattr(spec, key):
                 raise StudentFormatError(f"{folder / STUDENT_CONFIG}: {key}={base.get(key)} but the tower has "
                                          f"{getattr(spec, key)}")
-        export_config(meta, tensors, folder, spec)  # register count and declared shapes against the weights
+        config = export_config(meta, tensors, folder, spec)  # register count and declared shapes vs the weights
+        if config.recipe != "plain":
+            raise StudentFormatError(
+                f"{folder / STUDENT_CONFIG}: distilled with PH-Reg's {config.recipe.upper()} recipe (dense features "
+                "read through a value-only last block and the final norm), which a LLaVA never reads; distil with "
+                f"--recipe plain --target-block {adapter.feature_block} for use inside this model")
         params = dict(tower.named_parameters())
         for name, t in tensors.items():
             if name == "registers":
@@ -171,9 +194,10 @@ class RegistersModifier(Modifier):
             if tuple(params[name].shape) != tuple(t.shape):
                 raise StudentFormatError(f"{folder / STUDENT_WEIGHTS}: {name} has shape {tuple(t.shape)}, the "
                                          f"tower's is {tuple(params[name].shape)}")
+        return config
 
     def attach(self, model: nn.Module, adapter: ModelAdapter, slot: ContextSlot) -> HookHandle:
-        self.check(adapter)
+        self._validate(adapter)
         _, tensors = self._load()
         tower = adapter.vision_tower
         ref = next(tower.parameters())
@@ -204,15 +228,17 @@ class RegistersModifier(Modifier):
 
     @classmethod
     def example_config(cls, model: nn.Module, workdir: str | None = None) -> dict[str, Any]:
-        """Export an (untrained) 4-register student of ``model``'s vision tower to ``workdir`` and point at it.
+        """Export an (untrained) 4-register student of ``model``'s vision tower, distilled at its feature block, to
+        ``workdir`` and point at it.
 
         Without ``workdir`` a new temporary folder is used.
         """
         from vlm_tools.core.adapters import get_adapter
 
-        tower = get_adapter(model).vision_tower
+        adapter = get_adapter(model)
+        tower = adapter.vision_tower
         out = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="vlm_tools_registers_"))
-        student = build_student(tower, StudentConfig(num_registers=4))
+        student = build_student(tower, StudentConfig(num_registers=4, target_block=adapter.feature_block))
         try:
             save_student(student, out / "student")
         finally:
