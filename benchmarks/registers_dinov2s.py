@@ -31,7 +31,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--views", type=int, default=10)
-    ap.add_argument("--lr", type=float, default=2e-5, help="1e-4 (the reference) spikes the loss in the first steps here")
+    ap.add_argument("--lr", type=float, default=2e-5,
+                    help="1e-4 (the reference) spikes the loss in the first steps here")
     ap.add_argument("--easy-vqa", type=int, default=24, help="easy-VQA training images added to the photos")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()

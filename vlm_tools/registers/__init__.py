@@ -1,4 +1,5 @@
-"""Post-hoc registers for ViTs (PH-Reg): TTA denoiser, register student, distillation job, artifact metrics.
+"""Registers for ViTs: PH-Reg (TTA denoiser, register student, distillation job), test-time registers, artifact
+metrics.
 
 Public API::
 
@@ -19,12 +20,14 @@ from .student import (
     load_student,
     save_student,
 )
+from .test_time import RegisterNeurons, attach_test_time_registers, find_register_neurons
 from .tta import TTAResult, ViewPlan, sample_plan, tta_denoise
 
 __all__ = [
     "BACKBONE_SHORTCUTS", "ArtifactMeasures", "CheckpointError", "DistillConfig", "DistillSummary",
-    "OutputExistsError", "RegisterHooks", "RegisterStudent", "StudentConfig", "StudentFormatError", "TTAResult",
-    "ViewPlan", "artifact_report", "attach_registers", "build_student", "distill_loss", "load_backbone",
-    "load_checkpoint", "load_student", "measure_artifacts", "outlier_mask", "run_distillation", "sample_plan",
-    "save_student", "student_from_checkpoint", "summarize", "tta_denoise",
+    "OutputExistsError", "RegisterHooks", "RegisterNeurons", "RegisterStudent", "StudentConfig", "StudentFormatError",
+    "TTAResult", "ViewPlan", "artifact_report", "attach_registers", "attach_test_time_registers", "build_student",
+    "distill_loss", "find_register_neurons", "load_backbone", "load_checkpoint", "load_student", "measure_artifacts",
+    "outlier_mask", "run_distillation", "sample_plan", "save_student", "student_from_checkpoint", "summarize",
+    "tta_denoise",
 ]

@@ -1,4 +1,5 @@
-"""``vlm-tools registers`` commands: ``distill`` (the PH-Reg job) and ``report`` (artifact metrics).
+"""``vlm-tools registers`` commands: ``distill`` (the PH-Reg job), ``report`` (artifact metrics) and ``find-neurons``
+(test-time registers).
 
 ``register_cli(subparsers)`` adds the ``registers`` command group to the main CLI; ``main(argv)`` runs it stand-alone
 (``python -m vlm_tools.registers.cli distill ...``). Every command checks its ``--out`` folder before loading
@@ -115,8 +116,33 @@ def _add_report(sub) -> None:
     p.set_defaults(registers_func=_run_report)
 
 
+def _add_find_neurons(sub) -> None:
+    p = sub.add_parser("find-neurons", help="find the register neurons of a ViT (test-time registers, no training)",
+                       formatter_class=_Formatter,
+                       description="Rank the MLP neurons whose activations concentrate on the high-norm outlier "
+                                   "tokens (Jiang et al. 2025) and write the neuron list as JSON, for the "
+                                   "test_time_registers modifier or registers.attach_test_time_registers.")
+    _add_backbone_args(p)
+    p.add_argument("--images", required=True, help="image folder (any tree of jpg/png)")
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--threshold", type=float,
+                   help="outlier norm threshold tau (the authors: 30 for CLIP-B/16 at block -1, 150 for DINOv2-L at "
+                        "block -2); without it, --rule decides per image")
+    p.add_argument("--rule", choices=("ratio", "mad"), help="per-image robust outlier rule when no --threshold")
+    p.add_argument("--k", type=float, default=3.0, help="parameter of --rule (ratio: norm > k x median)")
+    p.add_argument("--detect-block", type=int, default=-1, help="block whose output norms define the outliers")
+    p.add_argument("--top-k", type=int, default=10, help="neurons kept over all blocks")
+    p.add_argument("--highest-layer", type=int, help="keep blocks <= this (default: all)")
+    p.add_argument("--lowest-layer", type=int, default=0, help="keep blocks >= this")
+    p.add_argument("--no-sparsity-filter", action="store_true", help="score without the authors' sparsity filter")
+    p.add_argument("--max-images", type=int, default=100, help="images used (sorted order)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward")
+    p.set_defaults(registers_func=_run_find_neurons)
+
+
 def register_cli(subparsers) -> argparse.ArgumentParser:
-    """Add the ``registers`` command group (``distill``, ``report``) to an argparse subparsers object.
+    """Add the ``registers`` command group (``distill``, ``report``, ``find-neurons``) to an argparse subparsers
+    object.
 
     The chosen command runs through ``args.func(args)``, which returns an exit code (2 with a one-line message on
     bad input).
@@ -125,10 +151,11 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
         The ``registers`` parser.
     """
     p = subparsers.add_parser("registers", help="post-hoc registers for ViTs: distillation and artifact metrics")
-    sub = p.add_subparsers(dest="registers_command", metavar="{distill,report}")
+    sub = p.add_subparsers(dest="registers_command", metavar="{distill,report,find-neurons}")
     sub.required = True
     _add_distill(sub)
     _add_report(sub)
+    _add_find_neurons(sub)
     p.set_defaults(func=_dispatch)
     return p
 
@@ -198,6 +225,39 @@ def _run_report(args: argparse.Namespace) -> int:
                              maps=not args.no_maps)
     print(json.dumps(report["models"], indent=2))
     print(f"wrote {out / 'report.json'}")
+    return 0
+
+
+def _run_find_neurons(args: argparse.Namespace) -> int:
+    import torch
+
+    from vlm_tools.core.adapters import get_tower
+
+    from .backbones import load_backbone
+    from .data import ImageSource, list_images, preprocess
+    from .test_time import find_register_neurons
+
+    out = Path(args.out)
+    _check_out(str(out.parent))
+    if args.threshold is None and args.rule is None:
+        raise ValueError("give --threshold (a norm) or --rule ratio|mad (per image)")
+    files = list_images(args.images)[: args.max_images]
+    vit = load_backbone(args.backbone, args.weights, args.model_kwargs, args.image_size)
+    spec = get_tower(vit).spec
+    size = args.image_size or spec.image_size
+    source = ImageSource(paths=files, description=str(args.images))
+    batches = [torch.stack([preprocess(source.load(i), size, spec.mean, spec.std)
+                            for i in range(s, min(s + args.batch_size, len(files)))])
+               for s in range(0, len(files), args.batch_size)]
+    found = find_register_neurons(vit, batches, threshold=args.threshold,
+                                  rule="fixed" if args.threshold is not None else args.rule, k=args.k,
+                                  detect_block=args.detect_block, top_k=args.top_k, highest_layer=args.highest_layer,
+                                  lowest_layer=args.lowest_layer, sparsity_filter=not args.no_sparsity_filter)
+    found.settings["backbone"] = args.backbone
+    found.settings["image_size"] = size
+    found.save(out)
+    print(json.dumps({"layers": found.to_json()["layers"], "settings": found.settings}, indent=2))
+    print(f"wrote {out}")
     return 0
 
 

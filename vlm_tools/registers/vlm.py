@@ -59,6 +59,7 @@ from .student import (
 __all__ = ["RegistersConfig", "RegistersModifier"]
 
 _ACTIVE = "registers_active"
+_OWNER = "registers_owner"  # the modifier instance that appends tokens in this call
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,10 @@ def _tower_pre_hook(module: nn.Module, args: tuple, slot: ContextSlot, swap: _Pa
     if ctx is None or ctx.plan is None:  # not a wrapped call: the base tower, as is
         swap.restore()
         return
+    if ctx.plan.n_suffix and ctx.state.get(_OWNER) != id(swap):
+        raise RuntimeError(f"registers cannot be stacked with another modifier that appends tokens "
+                           f"({ctx.plan.n_suffix} appended already)")
+    ctx.state[_OWNER] = id(swap)
     swap.apply()
     ctx.plan.n_suffix = num_registers
     ctx.state[_ACTIVE] = True
