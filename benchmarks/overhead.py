@@ -38,25 +38,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    import vlm_tools
-    from vlm_tools.core.method import CallContext
+    from tower_pruning import TowerRunner  # the tower through the public Method API (attach, plan, select)
 
     model = clip_l336_llava()
     tower = model.model.vision_tower
     pixels = torch.randn(args.batch, 3, 336, 336)
-    wrapped = vlm_tools.wrap(model, "cls_topk", keep=64)
-    _, plan = wrapped.adapter.plan(pixels, None, [0] * args.batch, 64, None, prune=True)
+    runner = TowerRunner(model, "cls_topk", keep=64)
 
     def bare():
-        tower(pixels, output_hidden_states=True)
+        tower(pixels, output_hidden_states=True, return_dict=True)
 
     def hooked():
-        wrapped._slot.ctx = CallContext(plan=plan)
-        try:
-            tower(pixels, output_hidden_states=True)
-            assert wrapped._slot.ctx.scores.shape == (args.batch, 576)
-        finally:
-            wrapped._slot.ctx = None
+        kept = runner(pixels)  # tower with the scoring hook, then the top-k selection
+        assert [k.numel() for k in kept] == [64] * args.batch
 
     cpu = {"bare": [], "hooked": []}
     wall = {"bare": [], "hooked": []}
@@ -68,7 +62,7 @@ def main() -> None:
                 fn()
                 cpu[name].append(time.process_time() - c)
                 wall[name].append(time.perf_counter() - t)
-    wrapped.unwrap()
+    runner.close()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}, "
           f"repeats {args.repeats}")
     for label, times in (("CPU time", cpu), ("wall time", wall)):

@@ -31,7 +31,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--views", type=int, default=10)
-    ap.add_argument("--lr", type=float, default=2e-5, help="1e-4 (the reference) spikes the loss in the first steps here")
+    ap.add_argument("--lr", type=float, default=2e-5,
+                    help="1e-4 (the reference) spikes the loss in the first steps here")
     ap.add_argument("--easy-vqa", type=int, default=24, help="easy-VQA training images added to the photos")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -41,7 +42,7 @@ def main() -> None:
     from registers_planted import _image  # same folder: the photo loader of the planted benchmark
 
     from vlm_tools.assets.convert import ensure_dinov2_hf
-    from vlm_tools.registers import artifact_report, distill, load_student
+    from vlm_tools.registers import artifact_report, distill, load_backbone, load_student
 
     out = Path(args.out)
     train, held = out / "train", out / "held_out"
@@ -64,9 +65,9 @@ def main() -> None:
                                 image_size=args.image_size, batch_size=args.batch_size, n_views=args.views,
                                 lr=args.lr, epochs=100, max_steps=args.steps, checkpoint_every=10, num_workers=0)
     t0 = time.perf_counter()
-    summary = distill.run_distillation(cfg, progress=False)
+    summary = distill.run_distillation(cfg, progress=False, overwrite=True)
     wall = time.perf_counter() - t0
-    base = distill.load_backbone(backbone)
+    base = load_backbone(backbone)
     student = load_student(out / "run" / "student", base)
     log = [json.loads(ln) for ln in (out / "run" / "train_log.jsonl").read_text().splitlines()]
     reports = {}

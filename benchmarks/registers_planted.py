@@ -82,7 +82,7 @@ def main() -> None:
     import timm
     from safetensors.torch import save_file
 
-    from vlm_tools.registers import artifact_report, distill, load_student, synthetic
+    from vlm_tools.registers import artifact_report, distill, load_student, student_from_checkpoint, synthetic
     from vlm_tools.registers.data import open_source, preprocess
 
     out = Path(args.out)
@@ -117,11 +117,11 @@ def main() -> None:
             max_steps=args.steps, lr=args.lr, lr_min=1e-4, checkpoint_every=every, keep_checkpoints=100,
             seed=args.seed, num_workers=0)
         t0 = time.perf_counter()
-        summary = distill.run_distillation(cfg, progress=False)
+        summary = distill.run_distillation(cfg, progress=False, overwrite=True)
         wall = time.perf_counter() - t0
         curve = []
         for ck in sorted((run_dir / "checkpoints").glob("step_*.pt")):
-            s = distill.student_from_checkpoint(ck, model)
+            s = student_from_checkpoint(ck, model)
             r = measure(s, eval_px, -1, tta_views=0)
             curve.append({"step": int(ck.stem.split("_")[1]), "outlier_rate": r["outlier_rate"],
                           "max_over_median": r["max_over_median"]})

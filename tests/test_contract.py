@@ -148,3 +148,82 @@ def test_budget_is_respected_and_trace_is_sorted(tiny, name, tmp_path_factory):
             assert torch.equal(k, k.sort().values) and k.unique().numel() == k.numel()
             if _has_budget(name) and "keep" in cfg:
                 assert k.numel() == min(cfg["keep"], k.numel()) and k.numel() <= cfg["keep"]
+
+
+def _stage_modules(model):
+    """One module per stage where an exception can be raised: a vision block, the projector, an LLM layer."""
+    from vlm_tools.core.adapters import get_adapter
+
+    ad = get_adapter(model)
+    return {"vision": ad.vision_layers[0], "projector": ad.projector, "llm": ad.lm_layers[-1]}
+
+
+@pytest.mark.parametrize("stage", ["vision", "projector", "llm"])
+@pytest.mark.parametrize("name", METHODS)
+def test_exception_at_each_stage_leaves_parameters_and_state_dict(tiny, name, stage, tmp_path_factory):
+    """Right after an exception raised inside the vision tower, the projector or the LLM (still wrapped), the model's
+    parameters and `state_dict()` are the bare model's (a modifier's swapped-in weights are restored)."""
+    model = tiny.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = {n: id(p) for n, p in model.named_parameters()}
+    wrapped = vlm_tools.wrap(model, name, **_config(tiny, name, tmp_path_factory))
+    boom = _stage_modules(model)[stage].register_forward_pre_hook(_raise)
+    try:
+        with pytest.raises(_Boom), torch.no_grad():
+            wrapped(**tiny.singles[0])
+        assert {n: id(p) for n, p in model.named_parameters()} == params  # the same parameter objects
+        after = model.state_dict()
+        assert list(after) == list(before)
+        assert all(torch.equal(after[k], before[k]) for k in before)
+    finally:
+        boom.remove()
+        wrapped.unwrap()
+    assert find_hooks(model) == []
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_two_threads_equal_sequential_results(tiny, name, tmp_path_factory):
+    """2 threads x 30 calls of one wrapped model give the sequential results (per-thread call contexts)."""
+    import threading
+
+    with vlm_tools.attached(tiny.model, name, **_config(tiny, name, tmp_path_factory)) as wrapped, torch.no_grad():
+        ref = [wrapped(**s).logits for s in tiny.singles]
+        bad: list = []
+
+        def worker(i):
+            try:
+                for _ in range(30):
+                    if not torch.allclose(wrapped(**tiny.singles[i]).logits, ref[i], atol=1e-5):
+                        bad.append(i)
+            except BaseException as exc:  # noqa: BLE001 - reported by the assertion
+                bad.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert bad == []
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_generate_with_several_sequences_and_beams(tiny, name, tmp_path_factory):
+    """`num_return_sequences` and beam search: every row starts with the caller's prompt, and each returned beam's
+    score equals the teacher-forced mean log-probability of its tokens under the same pruning."""
+    single = tiny.singles[0]
+    n = single["input_ids"].shape[1]
+    with vlm_tools.attached(tiny.model, name, **_config(tiny, name, tmp_path_factory)) as wrapped, torch.no_grad():
+        sampled = wrapped.generate(**tiny.batch, max_new_tokens=2, do_sample=True, num_return_sequences=2)
+        assert sampled.shape[0] == 4
+        assert torch.equal(sampled[:, : tiny.batch["input_ids"].shape[1]],
+                           tiny.batch["input_ids"].repeat_interleave(2, dim=0))
+        out = wrapped.generate(**single, max_new_tokens=3, num_beams=3, num_return_sequences=2, output_scores=True,
+                               return_dict_in_generate=True, early_stopping=True)
+        for i in range(2):
+            new = out.sequences[i, n:]
+            ids = torch.cat([single["input_ids"][0], new])[None]
+            extra = {k: v for k, v in single.items() if k not in ("input_ids", "attention_mask")}
+            logits = wrapped(input_ids=ids, attention_mask=torch.ones_like(ids), forced_tokens=[len(new)],
+                             **extra).logits
+            logp = torch.log_softmax(logits[0, -len(new) - 1:-1].float(), -1).gather(1, new[:, None])[:, 0]
+            assert float(out.sequences_scores[i]) == pytest.approx(float(logp.mean()), abs=1e-4)

@@ -162,3 +162,75 @@ def test_cli_writes_json_and_png(tmp_path):
     assert [r["label"] for r in data["runs"]] == ["base", "cls_topk ratio=0.75", "cls_topk ratio=0.9"]
     assert data["runs"][1]["layers"][0]["n_image"] == 16
     assert (tmp_path / "dominance.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_dominance_with_flowcut_on_llava_next_counts_what_each_layer_saw():
+    """FlowCut's LLaVA-NeXT stage shortens the sequence after decoder layer 1: every layer's |T| and |O| are the
+    tokens it attended to (read from the published kept layout), equal to the trace and to a count by hand."""
+    case = TinyCase("llava_next", text_layers=4)
+    model, proc = case.model, case.processor
+    img = Image.fromarray((np.random.default_rng(4).random((40, 60, 3)) * 255).astype("uint8"))
+    inputs = proc(images=[img], text=[PROMPTS[0]], return_tensors="pt")
+    n_text = int((inputs["input_ids"] != model.config.image_token_id).sum())
+    seen: dict[int, int] = {}
+
+    def grab(layer):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            seen.setdefault(layer, hidden.shape[1])  # the prefill: the first call of the generation
+        return hook
+
+    layers = model.model.language_model.layers
+    handles = [lay.register_forward_pre_hook(grab(i), with_kwargs=True) for i, lay in enumerate(layers)]
+    try:
+        with vlm_tools.attached(model, "flowcut", keep=8) as wrapped:
+            report = dominance(wrapped, proc, img, PROMPTS[0], max_new_tokens=2)
+            trace = wrapped.last_trace
+    finally:
+        for h in handles:
+            h.remove()
+    by_hand = [seen[i] - n_text for i in range(len(layers))]
+    after = dict(trace.layer_tokens)["llm.1"][0]
+    assert by_hand[2] == by_hand[3] == after < by_hand[0] == by_hand[1]
+    assert [s.n_image for s in report.layers] == by_hand
+    assert [s.n_text for s in report.layers] == [n_text] * len(layers)
+    assert find_hooks(model) == []
+
+
+def test_json_rule_dollar_labels_and_captions(eager, tmp_path):
+    """One JSON rule (non-finite -> null, valid JSON from save() and the CLI alike); user text with `$` is drawn
+    literally (no mathtext); the chart shows the prompt and the answer."""
+    img = Image.fromarray((np.random.default_rng(5).random((32, 32, 3)) * 255).astype("uint8"))
+    rep = dominance(eager.model, eager.processor, img, PROMPTS[1], max_new_tokens=2)
+    rep.layers[0].mdi = float("inf")
+    rep.stages["early"].mdi = float("nan")
+    data = json.loads(rep.save(tmp_path / "r.json").read_text())
+    assert data["layers"][0]["mdi"] is None and data["stages"]["early"]["mdi"] is None
+    rep.method, rep.method_config = "cls_topk", {"tag": "$x^2$ costs $5"}
+    fig = rep.figure()
+    texts = [t.get_text() for t in fig.texts] + [ax.get_title() for ax in fig.axes]
+    assert any("prompt: <image> describe it" in t for t in texts) and any("answer:" in t for t in texts)
+    from vlm_tools.core.io import figure_png
+
+    assert figure_png(fig)[:4] == b"\x89PNG"  # `$` in the label did not go through mathtext
+    both = {"$base$": rep, "a|b $1": rep}
+    assert plot_comparison(both, tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
+    from vlm_tools.cli import main
+
+    img = tmp_path / "img.png"
+    Image.new("RGB", (32, 32)).save(img)
+    locked = tmp_path / "a_file"  # a file where the folder should be: not writable, also for root
+    locked.write_text("x")
+    assert main(["dominance", "--model", "tiny", "--image", str(img), "--prompt", "what ?",
+                 "--out", str(locked / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write to the output folder" in err and str(locked) in err
+    assert main(["dominance", "--model", "tiny", "--image", str(tmp_path / "nope.png"), "--prompt", "x",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "nope.png" in capsys.readouterr().err
+    assert main(["dominance", "--model", str(tmp_path / "no_model"), "--image", str(img), "--prompt", "x",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "no such folder" in capsys.readouterr().err

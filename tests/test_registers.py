@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlm_tools.registers import artifacts, backbones, student, synthetic, tta
+from vlm_tools.core.adapters import get_tower
+from vlm_tools.core.hooks import find_hooks, hook_snapshot
+from vlm_tools.registers import artifacts, student, synthetic, tta
 from vlm_tools.registers.distill import distill_loss
 
 
@@ -40,6 +42,12 @@ def tiny_clip(attn="sdpa"):
 
 
 BUILDERS = {"timm": tiny_timm, "dinov2": tiny_dinov2, "clip": tiny_clip}
+
+
+def _hook_ids(model):
+    """`(module, kind, hook id)` of every hook on `model` (vlm_tools' and anyone else's)."""
+    return [(name, kind, hid) for name, kinds in hook_snapshot(model).items() for kind, ids in kinds.items()
+            for hid in ids]
 
 
 def pixels(b=2, size=32, seed=0):
@@ -98,7 +106,7 @@ def test_views_carry_their_source_cells_and_shift_back_exactly(patch):
 
 def test_fill_is_white_in_normalised_units():
     model = tiny_dinov2()
-    spec = backbones.describe(model)
+    spec = get_tower(model).spec
     plan = tta.ViewPlan(offsets=torch.tensor([[0, 0], [1, -2]]), flips=torch.tensor([False, True]))
     views = tta.make_views(pixels(1), [plan], spec.patch_size, spec.white())
     mean, std = torch.tensor(spec.mean).view(3, 1), torch.tensor(spec.std).view(3, 1)
@@ -112,7 +120,7 @@ def test_tta_denoise_single_view_is_the_plain_forward(family):
     x = pixels()
     one = tta.tta_denoise(model, x, n_views=1)
     with torch.no_grad():
-        ref = backbones.patch_tokens(model, x)
+        ref = get_tower(model).patch_tokens(x)
     assert torch.equal(one.features, ref.float()) and torch.all(one.counts == 1)
     many = tta.tta_denoise(model, x, n_views=4, shift_frac=0.5, seed=1, chunk_size=3)
     assert many.features.shape == ref.shape and many.counts.max() > 1
@@ -127,7 +135,7 @@ def test_student_output_has_teacher_shape_and_layout(family):
     x = pixels()
     s = student.build_student(teacher, student.StudentConfig(num_registers=5))
     with torch.no_grad():
-        t_out = backbones.patch_tokens(teacher, x)
+        t_out = get_tower(teacher).patch_tokens(x)
         s_out = s(x)
     assert s_out.shape == t_out.shape == (2, 16, 32)
     assert not torch.equal(s_out, t_out)  # registers take part in attention
@@ -139,7 +147,7 @@ def test_student_output_has_teacher_shape_and_layout(family):
             out = s.vit(pixel_values=x, output_hidden_states=True, output_attentions=family == "dinov2")
         assert out.last_hidden_state.shape[1] == 17  # CLS + 16 patches: registers stripped
         assert all(h.shape[1] == 17 for h in out.hidden_states)
-        full = backbones.forward_tokens(s.vit, x, block=-1)
+        full = get_tower(s.vit).tokens(x, block=-1)
         assert full.shape[1] == 17 + 5  # inside the model the registers sit at the END
 
 
@@ -188,7 +196,7 @@ def test_only_unlocked_parameters_change(family):
     plans = [tta.sample_plan(4, 4, 3, 0.3, seed=i) for i in range(2)]
     for _ in range(2):
         with torch.no_grad():
-            target, _ = tta.tta_features(lambda v: backbones.patch_tokens(teacher, v), x, plans, spec.patch_size,
+            target, _ = tta.tta_features(lambda v: get_tower(teacher).patch_tokens(v), x, plans, spec.patch_size,
                                          spec.white())
         loss, _, _ = distill_loss(s(x), target)
         opt.zero_grad()
@@ -215,10 +223,11 @@ def test_register_hooks_remove_restores_bitwise_and_leave_no_hooks():
     with torch.no_grad():
         model(pixel_values=x, output_hidden_states=True)  # let transformers install its own capture hooks first
         before = model(pixel_values=x, output_hidden_states=True)
-    snap = sorted(student.iter_hooks(model))
+    snap = sorted(_hook_ids(model))
     regs = torch.nn.Parameter(torch.randn(1, 4, 32))
     handle = student.attach_registers(model, regs)
-    assert handle.active and len(sorted(student.iter_hooks(model))) == len(snap) + 2
+    assert handle.active and len(sorted(_hook_ids(model))) == len(snap) + 2
+    assert sorted(find_hooks(model)) == [("", "forward"), ("embeddings", "forward")]  # marked: find_hooks sees them
     with torch.no_grad():
         during = model(pixel_values=x, output_hidden_states=True)
     assert during.last_hidden_state.shape == before.last_hidden_state.shape
@@ -229,11 +238,11 @@ def test_register_hooks_remove_restores_bitwise_and_leave_no_hooks():
         after = model(pixel_values=x, output_hidden_states=True)
     assert torch.equal(after.last_hidden_state, before.last_hidden_state)
     assert all(torch.equal(a, b) for a, b in zip(after.hidden_states, before.hidden_states))
-    assert sorted(student.iter_hooks(model)) == snap
+    assert sorted(_hook_ids(model)) == snap
     # an exception inside the forward still leaves the model clean when used as a context manager
     with pytest.raises(ValueError), student.attach_registers(model, regs):
         model(pixel_values=torch.randn(1, 4, 32, 32))  # wrong channel count raises inside the forward
-    assert sorted(student.iter_hooks(model)) == snap
+    assert sorted(_hook_ids(model)) == snap
     with pytest.raises(TypeError, match="native"):
         student.attach_registers(tiny_timm(), regs)
     with pytest.raises(ValueError, match="shape"):
@@ -248,7 +257,7 @@ def test_student_remove_hooks_gives_the_teacher_back():
     s.remove_hooks()
     assert not s.hooks_active
     with torch.no_grad():
-        assert torch.equal(s(x), backbones.patch_tokens(teacher, x))
+        assert torch.equal(s(x), get_tower(teacher).patch_tokens(x))
 
 
 @pytest.mark.parametrize("family", ["timm", "dinov2"])

@@ -1,4 +1,4 @@
-"""Registers: the distillation job (exact resume, atomic/corrupt checkpoints), the CLI, and the planted-artifact check."""
+"""Registers: the distillation job (exact resume, atomic/corrupt checkpoints), the CLI, the planted-artifact check."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlm_tools.registers import artifacts, cli, distill, student, synthetic
+from vlm_tools.registers import artifacts, backbones, checkpoint, cli, distill, student, synthetic
 from vlm_tools.registers.data import open_source, preprocess
 
 TIMM_KW = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 0}
@@ -87,11 +87,11 @@ def test_resume_after_kill_is_bitwise_equal_to_uninterrupted(tmp_path, image_dir
     with pytest.raises(_Killed):  # dies right after the step-3 checkpoint, mid-job
         distill.run_distillation(_cfg(tmp_path / "cut", image_dir, *spec), progress=False,
                                  step_callback=_kill_after(3))
-    assert distill.latest_checkpoint(tmp_path / "cut").name == "step_00000003.pt"
+    assert checkpoint.latest_checkpoint(tmp_path / "cut").name == "step_00000003.pt"
     resumed = distill.run_distillation(_cfg(tmp_path / "cut", image_dir, *spec), resume=True, progress=False)
     assert resumed.start_step == 3 and resumed.steps == 6
-    a = distill.load_checkpoint(tmp_path / "full" / "checkpoints" / "step_00000006.pt")
-    b = distill.load_checkpoint(tmp_path / "cut" / "checkpoints" / "step_00000006.pt")
+    a = checkpoint.load_checkpoint(tmp_path / "full" / "checkpoints" / "step_00000006.pt")
+    b = checkpoint.load_checkpoint(tmp_path / "cut" / "checkpoints" / "step_00000006.pt")
     assert a["trainable"].keys() == b["trainable"].keys()
     for k in a["trainable"]:
         assert torch.equal(a["trainable"][k], b["trainable"][k]), k
@@ -102,10 +102,10 @@ def test_resume_after_kill_is_bitwise_equal_to_uninterrupted(tmp_path, image_dir
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
     assert not list((tmp_path / "cut").rglob("*.tmp"))
     # the export loads onto the base model
-    teacher = distill.load_backbone(spec[0], None if spec[1] is None else str(spec[1]),
+    teacher = backbones.load_backbone(spec[0], None if spec[1] is None else str(spec[1]),
                                     TIMM_KW if backbone == "timm" else None)
     s = student.load_student(full.student_dir, teacher)
-    ref = distill.student_from_checkpoint(tmp_path / "full" / "checkpoints" / "step_00000006.pt", teacher)
+    ref = checkpoint.student_from_checkpoint(tmp_path / "full" / "checkpoints" / "step_00000006.pt", teacher)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(s(x), ref(x))
@@ -114,34 +114,73 @@ def test_resume_after_kill_is_bitwise_equal_to_uninterrupted(tmp_path, image_dir
 def test_corrupt_and_incompatible_checkpoints_name_the_file(tmp_path, image_dir, timm_weights):
     cfg = _cfg(tmp_path / "run", image_dir, "timm:test_vit", timm_weights, max_steps=3)
     distill.run_distillation(cfg, progress=False)
-    ckpt = distill.latest_checkpoint(tmp_path / "run")
+    ckpt = checkpoint.latest_checkpoint(tmp_path / "run")
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 2])  # truncated, as by a crash mid-copy
-    with pytest.raises(distill.CheckpointError, match=str(ckpt)):
+    with pytest.raises(checkpoint.CheckpointError, match=str(ckpt)):
         distill.run_distillation(cfg, resume=True, progress=False)
     ckpt.write_bytes(b"\x00garbage")
-    with pytest.raises(distill.CheckpointError, match=str(ckpt)):
-        distill.load_checkpoint(ckpt)
+    with pytest.raises(checkpoint.CheckpointError, match=str(ckpt)):
+        checkpoint.load_checkpoint(ckpt)
     torch.save({"something": 1}, ckpt)
-    with pytest.raises(distill.CheckpointError, match="not a"):
-        distill.load_checkpoint(ckpt)
+    with pytest.raises(checkpoint.CheckpointError, match="not a"):
+        checkpoint.load_checkpoint(ckpt)
     ckpt.write_bytes(data)
     other = _cfg(tmp_path / "run", image_dir, "timm:test_vit", timm_weights, max_steps=3, lr=5e-4)
-    with pytest.raises(distill.CheckpointError, match=r"settings differ on \['lr'\]"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"settings differ on \['lr'\]"):
         distill.run_distillation(other, resume=True, progress=False)
     # a stale temp file from a killed writer is ignored
     (ckpt.parent / ".step_00000009.pt.123.tmp").write_bytes(b"partial")
-    assert distill.latest_checkpoint(tmp_path / "run") == ckpt
-    with pytest.raises(distill.CheckpointError, match="no checkpoint"):
+    assert checkpoint.latest_checkpoint(tmp_path / "run") == ckpt
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
         distill.run_distillation(_cfg(tmp_path / "empty", image_dir, "timm:test_vit", timm_weights), resume=True)
 
 
 def test_schedule_is_the_reference_exponential_decay():
-    sched = distill.ExponentialDecay(lr0=1e-4, lr_min=5e-6, epochs=4, batch_size=2, num_images=4)
+    sched = distill.ExponentialDecay(lr0=1e-4, lr_min=5e-6, epochs=4, steps_per_epoch=2)
     lrs = [1e-4 * sched(step) for step in range(12)]
-    assert lrs[0] == lrs[1] == pytest.approx(1e-4)  # epoch 0
-    assert lrs[2] == pytest.approx(1e-4 * (5e-6 / 1e-4) ** 0.25)  # after the first epoch
+    assert lrs[0] == pytest.approx(1e-4)  # only the very first step runs at lr0 (issue 14.1; it was all of epoch 0)
+    assert lrs[1] == lrs[2] == pytest.approx(1e-4 * (5e-6 / 1e-4) ** 0.25)  # after the first step
     assert lrs[8] == lrs[11] == pytest.approx(5e-6)  # floor
+
+
+def official_rates(lr, end_lr, num_epochs, steps_per_epoch):
+    """The rate each optimizer step of PH-Reg's `distill_main.py` loop runs with (a plain restatement of the loop:
+    after every `optimizer.step()` it writes `lr * (end_lr / lr) ** ((epoch + 1) / num_epochs)`, floored)."""
+    rates, current = [], lr
+    decay_ratio = end_lr / lr
+    for epoch in range(num_epochs):
+        for _ in range(steps_per_epoch):
+            rates.append(current)  # this step uses the rate written after the previous one
+            new_lr = lr * decay_ratio ** ((epoch + 1) / num_epochs)
+            if new_lr <= end_lr:
+                new_lr = end_lr
+            current = new_lr
+    return rates
+
+
+@pytest.mark.parametrize(("epochs", "steps"), [(100, 3), (4, 2), (3, 7), (1, 5)])
+def test_per_step_rates_equal_the_official_loop(epochs, steps):
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, distill.ExponentialDecay(1e-4, 5e-6, epochs, steps))
+    ours = []
+    for _ in range(epochs * steps):
+        ours.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    ref = official_rates(1e-4, 5e-6, epochs, steps)
+    assert ours == pytest.approx(ref, rel=1e-12, abs=0)
+    if (epochs, steps) == (100, 3):  # the worked example of the research notes
+        assert ours[0] == 1e-4 and ours[1] == ours[3] == pytest.approx(9.7049e-5, rel=1e-4)
+        assert ours[298] == ours[299] == pytest.approx(5e-6)
+
+
+def test_the_job_logs_the_official_rate_of_every_step(tmp_path, image_dir, timm_weights):
+    cfg = _cfg(tmp_path / "run", image_dir, "timm:test_vit", timm_weights, epochs=3, max_steps=None,
+               checkpoint_every=100, lr=1e-3, lr_min=1e-4)  # 7 images, batch 2: 4 steps per epoch
+    distill.run_distillation(cfg, progress=False)
+    logged = [json.loads(ln)["lr"] for ln in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx(official_rates(1e-3, 1e-4, 3, 4), rel=1e-12, abs=0)
 
 
 def test_data_sources_and_bad_inputs(tmp_path, image_dir):
@@ -166,7 +205,7 @@ def test_data_sources_and_bad_inputs(tmp_path, image_dir):
     with pytest.raises(ValueError, match="batch_size"):
         distill.DistillConfig(backbone="timm:test_vit", out="o", images="i", batch_size=0)
     with pytest.raises(FileNotFoundError):
-        distill.load_backbone("hf:/definitely/not/here")
+        backbones.load_backbone("hf:/definitely/not/here")
 
 
 def test_cli_distill_then_report(tmp_path, image_dir, timm_weights, capsys):

@@ -129,11 +129,11 @@ def test_distill_the_tower_of_a_saved_llava_then_wrap(tmp_path):
     """End to end: `hf:<llava folder>` loads only its tower; distil at LLaVA's feature block; wrap with the export."""
     from PIL import Image
 
-    from vlm_tools.registers import distill
+    from vlm_tools.registers import backbones, distill
 
     tiny = TinyCase("llava", "dinov2")
     tiny.model.save_pretrained(str(tmp_path / "llava"))
-    tower = distill.load_backbone(f"hf:{tmp_path / 'llava'}")
+    tower = backbones.load_backbone(f"hf:{tmp_path / 'llava'}")
     ref = get_adapter(tiny.model).vision_tower.state_dict()
     assert tower.state_dict().keys() == ref.keys()
     assert all(torch.equal(v, ref[k]) for k, v in tower.state_dict().items())
@@ -149,3 +149,35 @@ def test_distill_the_tower_of_a_saved_llava_then_wrap(tmp_path):
     with vlm_tools.attached(tiny.model, "registers", student=summary.student_dir) as wrapped, torch.no_grad():
         out = wrapped(**tiny.singles[0]).logits
     assert torch.isfinite(out).all()
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def _boom(*_a, **_k):
+    raise _Boom("raised mid-forward")
+
+
+@pytest.mark.parametrize("stage", ["vision_block", "projector", "llm"])
+def test_state_dict_is_the_base_one_right_after_an_exception(case, stage):
+    """Issue 13.4: an exception anywhere in a wrapped call must not leave the student's tensors installed."""
+    tiny, path, _base, snap = case
+    model = tiny.model
+    ad = get_adapter(model)
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    params = {n: p for n, p in model.named_parameters()}
+    where = {"vision_block": ad.tower.blocks[0], "projector": ad.projector, "llm": ad.lm_layers[0]}[stage]
+    wrapped = vlm_tools.wrap(model, "registers", student=str(path))
+    bad = where.register_forward_pre_hook(_boom)
+    try:
+        with pytest.raises(_Boom), torch.no_grad():
+            wrapped(**tiny.singles[0])
+        state = model.state_dict()  # still wrapped: what save_pretrained() would write now
+        assert state.keys() == ref.keys()
+        assert [k for k in ref if not torch.equal(state[k], ref[k])] == []
+        assert all(p is params[n] for n, p in model.named_parameters())
+    finally:
+        bad.remove()
+        wrapped.unwrap()
+    assert hook_snapshot(model) == snap

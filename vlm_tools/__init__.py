@@ -27,9 +27,15 @@ _LAZY = {
 __all__ = ["__version__", "unwrap", *_LAZY]
 
 
-def unwrap(wrapped: Any):
-    """Remove a wrapper's hooks and return the base model (same as `wrapped.unwrap()`)."""
-    return wrapped.unwrap()
+def unwrap(model: Any):
+    """Remove every vlm_tools hook and return the base model.
+
+    `model` is a `WrappedModel` (same as `wrapped.unwrap()`) or a plain model that still carries vlm_tools hooks
+    (its wrapper was lost, or it is a copy of a wrapped model).
+    """
+    from vlm_tools.core.wrapped import unwrap_model
+
+    return unwrap_model(model)
 
 
 def __getattr__(name: str) -> Any:

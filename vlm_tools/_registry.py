@@ -17,7 +17,7 @@ KINDS = ("vision", "projector", "llm", "modifier")
 # Packages whose sub-packages hold one method each (`<pkg>/<method>/method.py`), imported on first lookup.
 _METHOD_PACKAGES = ("vlm_tools.pruning",)
 # Single modules that register methods outside the pruning package.
-_METHOD_MODULES = ("vlm_tools.registers.vlm",)
+_METHOD_MODULES = ("vlm_tools.registers.vlm", "vlm_tools.registers.test_time")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ def load_model(spec: str, dtype: str = "float32") -> tuple[Any, Any]:
     """`(model, processor)` for a `--model` value: "default", "tiny", "tiny_next" or an HF model folder.
 
     Raises:
-        FileNotFoundError: `spec` is neither a known name nor an existing folder (names the valid values).
+        UsageError: `spec` is neither a known name nor an existing folder (names the valid values).
     """
     import torch
 
@@ -36,8 +36,11 @@ def load_model(spec: str, dtype: str = "float32") -> tuple[Any, Any]:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = Path(spec)
-    if not path.exists():
-        raise FileNotFoundError(f"--model {spec!r}: no such folder (use 'default', 'tiny' or an HF model folder)")
+    if not path.is_dir():
+        from vlm_tools.errors import UsageError
+
+        raise UsageError(f"--model {spec!r}: no such folder (use 'default', 'tiny', 'tiny_next' or an HF model "
+                         "folder)")
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype).eval()
     return model, AutoProcessor.from_pretrained(path)
 

@@ -13,9 +13,7 @@ Writes `dominance.json` (one report per run: the base model first, then the meth
 from __future__ import annotations
 
 import argparse
-import json
 import math
-from pathlib import Path
 
 from vlm_tools.loading import cli_prompt, load_model
 
@@ -37,21 +35,27 @@ def _ints(text: str) -> list[int]:
 
 
 def _cmd_dominance(args: argparse.Namespace) -> int:
-    from PIL import Image
 
     from vlm_tools.analysis import dominance, plot_comparison
-    from vlm_tools.core.io import write_bytes_atomic
+    from vlm_tools.analysis.report import report_json
+    from vlm_tools.core.io import ensure_writable_dir, write_bytes_atomic
+    from vlm_tools.errors import UsageError
+    from vlm_tools.explain.forcing import load_images
 
     if args.ratios and args.keep:
-        raise SystemExit("give --ratios or --keep, not both")
+        raise UsageError("give --ratios or --keep, not both")
     if (args.ratios or args.keep) and not args.method:
-        raise SystemExit("--ratios / --keep need --method (e.g. --method cls_topk)")
+        raise UsageError("--ratios / --keep need --method (e.g. --method cls_topk)")
     if args.method and not (args.ratios or args.keep):
-        raise SystemExit("--method needs a budget: --ratios 0.75,0.9,0.95 or --keep 64")
+        raise UsageError("--method needs a budget: --ratios 0.75,0.9,0.95 or --keep 64")
     if args.boundaries is not None and len(args.boundaries) != 2:
-        raise SystemExit("--boundaries takes two layer indices a,b (early [0,a), middle [a,b), late [b,L))")
+        raise UsageError("--boundaries takes two layer indices a,b (early [0,a), middle [a,b), late [b,L))")
+    out = ensure_writable_dir(args.out)  # before any model loads
+    try:
+        image = load_images(args.image)[0]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     model, processor = load_model(args.model, args.dtype)
-    image = Image.open(args.image).convert("RGB")
     prompt = cli_prompt(args.model, processor, args.prompt)
     common = {"max_new_tokens": args.max_new_tokens,
               "boundaries": tuple(args.boundaries) if args.boundaries else None}
@@ -65,11 +69,9 @@ def _cmd_dominance(args: argparse.Namespace) -> int:
         st = reports[label].stages
         print(f"{label:<28} " + "  ".join(f"{n}: MDI {_fmt(s.mdi)} AEI {_fmt(s.aei_text)}" for n, s in st.items())
               + f"  | {reports[label].generated_text!r}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     payload = {"model": args.model, "image": str(args.image), "prompt": prompt,
                "runs": [{"label": k, **v.to_dict()} for k, v in reports.items()]}
-    write_bytes_atomic(out / "dominance.json", json.dumps(payload, indent=2).encode())
+    write_bytes_atomic(out / "dominance.json", report_json(payload))
     if len(reports) == 1:
         reports["base"].plot(out / "dominance.png")
     else:

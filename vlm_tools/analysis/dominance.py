@@ -64,8 +64,10 @@ def dominance(model: nn.Module, processor: Any, image: Any, prompt: str, method:
             out = runner.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         seq = out if isinstance(out, torch.Tensor) else out.sequences
         generated = processor.tokenizer.decode(seq[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        return col.report(0, boundaries, generated_text=generated.strip(), method=method,
-                          method_config=method_config)
+        report = col.report(0, boundaries, generated_text=generated.strip(), method=method,
+                            method_config=method_config)
+        report.prompt = prompt
+        return report
     finally:
         if wrapped is not None:
             wrapped.unwrap()

@@ -45,7 +45,9 @@ class DominanceStats:
     aei_image: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+        """The fields as JSON-ready values: one rule for every writer, a non-finite number (MDI undefined without
+        image tokens, or infinite when no attention reaches them) is `None` (JSON `null`)."""
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
 
 
 def _ratio(a: float, b: float) -> float:

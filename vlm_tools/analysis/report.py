@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from vlm_tools.analysis.metrics import DominanceStats
-from vlm_tools.core.io import pyplot, write_bytes_atomic, write_figure
+from vlm_tools.core.io import plain_text, pyplot, write_bytes_atomic, write_figure
 
-__all__ = ["DominanceReport", "plot_comparison"]
+__all__ = ["DominanceReport", "plot_comparison", "report_json"]
 
 
 @dataclass
@@ -26,6 +26,7 @@ class DominanceReport:
         n_generated: number of query rows aggregated (generated tokens).
         generated_text: the decoded generation.
         method: the pruning method used (None for the base model), and its config.
+        prompt: the prompt the generation answered (shown on the charts).
     """
 
     layers: list[DominanceStats]
@@ -35,6 +36,7 @@ class DominanceReport:
     generated_text: str = ""
     method: str | None = None
     method_config: dict = field(default_factory=dict)
+    prompt: str = ""
 
     @property
     def label(self) -> str:
@@ -49,6 +51,7 @@ class DominanceReport:
             "method_config": dict(self.method_config),
             "boundaries": list(self.boundaries),
             "n_generated": self.n_generated,
+            "prompt": self.prompt,
             "generated_text": self.generated_text,
             "stages": {k: v.to_dict() for k, v in self.stages.items()},
             "layers": [v.to_dict() for v in self.layers],
@@ -56,11 +59,14 @@ class DominanceReport:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write `to_dict()` as JSON (atomically: a temp file renamed into place)."""
-        return write_bytes_atomic(Path(path), json.dumps(self.to_dict(), indent=2, allow_nan=False,
-                                                    default=_json_default).encode())
+        return write_bytes_atomic(Path(path), report_json(self.to_dict()))
 
     def plot(self, path: str | os.PathLike) -> Path:
-        """A PNG: per-layer MDI bars (log scale) and per-stage MDI / AEI_T bars."""
+        """A PNG: per-layer MDI bars (log scale) and per-stage MDI / AEI_T bars, with the prompt and the answer."""
+        return write_figure(self.figure(), Path(path))
+
+    def figure(self):
+        """The matplotlib figure `plot` writes (the caller closes it, e.g. through `vlm_tools.core.io.figure_png`)."""
         plt = pyplot()
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [2, 1]})
         xs = [s.layers[0] for s in self.layers]
@@ -72,7 +78,7 @@ class DominanceReport:
         ax1.set_yscale("log")
         ax1.set_xlabel("decoder layer")
         ax1.set_ylabel("MDI (text / image attention per token)")
-        ax1.set_title(f"MDI per layer: {self.label}")
+        ax1.set_title(plain_text(f"MDI per layer: {self.label}"))
         names = list(self.stages)
         w = 0.38
         pos = range(len(names))
@@ -83,8 +89,24 @@ class DominanceReport:
         ax2.set_yscale("log")
         ax2.set_title("per stage")
         ax2.legend(fontsize=8)
-        fig.tight_layout()
-        return write_figure(fig, Path(path))
+        _caption(fig, self.prompt, self.generated_text)
+        return fig
+
+
+def report_json(payload: Any) -> bytes:
+    """Standard JSON bytes of a report payload (tuples as lists; NaN / infinity are not allowed: `to_dict` maps
+    them to null)."""
+    return json.dumps(payload, indent=2, allow_nan=False, default=_json_default).encode()
+
+
+def _caption(fig, prompt: str, answer: str) -> None:
+    """Prompt and answer under the charts (user text: no mathtext, long lines wrapped)."""
+    import textwrap
+
+    text = "\n".join(textwrap.wrap(f"prompt: {' '.join(prompt.split())}", 150)[:3]
+                     + textwrap.wrap(f"answer: {' '.join(answer.split())}", 150)[:2])
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * text.count("\n"), 1, 1))
+    fig.text(0.01, 0.01, plain_text(text), fontsize=8, va="bottom", ha="left", family="monospace")
 
 
 def _json_default(o: Any) -> Any:
@@ -99,6 +121,11 @@ def _finite(v: float) -> float:
 
 def plot_comparison(reports: dict[str, DominanceReport], path: str | os.PathLike) -> Path:
     """A PNG with grouped per-stage MDI and AEI_T bars, one group member per report (e.g. before / after pruning)."""
+    return write_figure(comparison_figure(reports), Path(path))
+
+
+def comparison_figure(reports: dict[str, DominanceReport]):
+    """The matplotlib figure `plot_comparison` writes."""
     plt = pyplot()
     labels = list(reports)
     stages = list(next(iter(reports.values())).stages)
@@ -107,11 +134,13 @@ def plot_comparison(reports: dict[str, DominanceReport], path: str | os.PathLike
     for ax, attr, title in ((axes[0], "mdi", "MDI"), (axes[1], "aei_text", "AEI (text)")):
         for i, lab in enumerate(labels):
             vals = [_finite(getattr(reports[lab].stages[s], attr)) for s in stages]
-            ax.bar([p - 0.4 + w * (i + 0.5) for p in range(len(stages))], vals, w, label=lab)
+            ax.bar([p - 0.4 + w * (i + 0.5) for p in range(len(stages))], vals, w, label=plain_text(lab))
         ax.axhline(1.0, color="black", lw=0.8, ls="--")
         ax.set_xticks(list(range(len(stages))), stages)
         ax.set_yscale("log")
         ax.set_title(f"{title} per stage")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    return write_figure(fig, Path(path))
+    first = next(iter(reports.values()))
+    fig.suptitle(plain_text("text dominance per stage: " + ", ".join(labels)), fontsize=9)
+    _caption(fig, first.prompt, " | ".join(f"{k}: {r.generated_text}" for k, r in reports.items()))
+    return fig

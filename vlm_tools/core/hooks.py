@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 __all__ = ["HookHandle", "find_hooks", "hook_snapshot", "mark", "attach_guarded", "hook_dicts", "marked_ids",
-           "remove_marked_since"]
+           "remove_marked_since", "marked_hooks", "remove_marked"]
 
 _MARK = "_vlm_tools_hook"
 
@@ -54,6 +54,21 @@ def find_hooks(model: nn.Module) -> list[tuple[str, str]]:
 def _marked(model: nn.Module) -> list[tuple[dict, int]]:
     return [(hooks, hid) for _, mod in model.named_modules() for hooks in hook_dicts(mod).values()
             for hid, fn in list(hooks.items()) if getattr(fn, _MARK, False)]
+
+
+def marked_hooks(model: nn.Module) -> list[Callable]:
+    """The vlm_tools hook functions registered anywhere in `model` (partials; their `keywords` hold any `slot`)."""
+    return [hooks[hid] for hooks, hid in _marked(model)]
+
+
+def remove_marked(model: nn.Module, keep: Callable[[Callable], bool] | None = None) -> int:
+    """Remove every vlm_tools hook from `model` (those `keep(fn)` accepts stay); returns how many were removed."""
+    n = 0
+    for hooks, hid in _marked(model):
+        if keep is None or not keep(hooks[hid]):
+            hooks.pop(hid, None)
+            n += 1
+    return n
 
 
 def remove_marked_since(model: nn.Module, before: set[int]) -> int:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vlm_tools.errors import OutputDirError
+
 __all__ = ["write_bytes_atomic", "write_text_atomic", "write_json_atomic", "pyplot", "figure_png", "write_figure",
-           "png_data_uri"]
+           "png_data_uri", "ensure_writable_dir", "plain_text", "replace_dir_atomic"]
 
 
 def write_bytes_atomic(path: str | Path, data: bytes, mode: int = 0o644) -> Path:
@@ -78,3 +82,95 @@ def png_data_uri(png: bytes) -> str:
     import base64
 
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def ensure_writable_dir(path: str | Path) -> Path:
+    """Create `path` if needed and check that files can be written in it, before any work is done.
+
+    Raises:
+        OutputDirError: the folder cannot be created or written (e.g. read-only, a file in the way).
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-check.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputDirError(f"cannot write to the output folder {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def plain_text(text: str) -> str:
+    """User text for matplotlib without mathtext: `$` is shown as a dollar sign, not parsed as math."""
+    return str(text).replace("$", r"\$")
+
+
+# -- folders ------------------------------------------------------------------------------------------------------
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux `renameat2(RENAME_EXCHANGE)`; False where the system cannot."""
+    import ctypes
+    import errno
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def replace_dir_atomic(target: str | Path, fill: Callable[[Path], Any]) -> Path:
+    """Write a folder as a set: `fill(tmp)` writes the files into a temporary sibling, which then replaces `target`.
+
+    Readers see the old folder or the whole new one, never a mix: an error (or a kill) inside `fill` leaves `target`
+    as it was and removes the temporary (a killed process leaves `.<name>.tmp-*`, which the owner may clean). An
+    existing `target` is swapped with the new folder in one `renameat2(RENAME_EXCHANGE)` where the system supports
+    it; elsewhere it is first renamed to `.<name>.old-*` (the one moment without `target`), then removed.
+
+    Returns:
+        `target`.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        fill(tmp)
+        if not target.exists():
+            os.rename(tmp, target)
+        elif _exchange(tmp, target):
+            shutil.rmtree(tmp)  # now holds the old folder
+        else:
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+            os.rename(target, old / target.name)
+            os.rename(tmp, target)
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(target.parent)
+    return target

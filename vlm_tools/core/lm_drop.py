@@ -36,94 +36,12 @@ from torch import nn
 
 from vlm_tools.core.attention import input_hidden_states
 from vlm_tools.core.hooks import HookHandle
-from vlm_tools.core.method import CallContext, ContextSlot
+from vlm_tools.core.method import CallContext, ContextSlot, LmCall, LmKeep
 
-__all__ = ["LmDrop", "LmCall", "LmKeep", "POSITION_MODES", "SUPPORTED_ATTENTION"]
+__all__ = ["LmDrop", "POSITION_MODES", "SUPPORTED_ATTENTION"]
 
 POSITION_MODES = ("original", "renumber")
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-
-
-@dataclass
-class LmCall:
-    """What the language model was called with in its current call (one prefill or one decoding step).
-
-    Attributes:
-        mask2d: the call's 2-D attention mask over the full-length key axis, or None (no padding).
-        position_ids: the call's position ids, or None (the default numbering from `past`).
-        length: query length of the call.
-        past: cached length before the call (0: a prefill).
-        decided: whether a drop decision was made in this call.
-        layer_kwargs: the replacement mask / rotary / position kwargs of the layers after the drop (computed once).
-    """
-
-    mask2d: torch.Tensor | None
-    position_ids: torch.Tensor | None
-    length: int
-    past: int
-    decided: bool = False
-    layer_kwargs: dict | None = None
-
-    @property
-    def prefill(self) -> bool:
-        """Whether the call starts from an empty cache (the prompt; every call of a cache-less generate)."""
-        return self.past == 0
-
-    def last_positions(self, rows: int, device) -> torch.Tensor:
-        """`(rows,)` position of each row's last attended token in a prefill (its last prompt token)."""
-        if self.mask2d is None or self.mask2d.shape[-1] != self.length:
-            return torch.full((rows,), self.length - 1, dtype=torch.long, device=device)
-        pos = torch.arange(1, self.length + 1, device=self.mask2d.device)
-        return ((self.mask2d.bool().long() * pos).max(dim=1).values - 1).clamp_min(0).to(device)
-
-    def positions(self, rows: int, device) -> torch.Tensor:
-        """`(rows, length)` position ids the model uses in this call (its own, or the default numbering)."""
-        if self.position_ids is not None:
-            return self.position_ids.to(device).expand(rows, -1)
-        return (torch.arange(self.length, device=device) + self.past).expand(rows, -1)
-
-
-@dataclass
-class LmKeep:
-    """The kept layout of an LLM-stage drop: what decoder layers `> after_layer` hold.
-
-    Attributes:
-        after_layer: the drop happens at the output of this decoder layer.
-        index: `(B, S)` original prompt position of each slot of the shortened sequence (padding slots: 0).
-        valid: `(B, S)` False on padding slots.
-        length: the prompt length of the prefill.
-        held: internal: the full hidden states at the drop, kept until the scatter-back (FastV).
-    """
-
-    after_layer: int
-    index: torch.Tensor
-    valid: torch.Tensor
-    length: int
-    held: torch.Tensor | None = None
-
-    @property
-    def from_layer(self) -> int:
-        """The first decoder layer that runs on the kept positions."""
-        return self.after_layer + 1
-
-    @property
-    def removed(self) -> torch.Tensor:
-        """`(B,)` prompt positions removed per row."""
-        return self.length - self.valid.sum(1)
-
-    def keys_of(self, values: torch.Tensor, n_keys: int, fill) -> torch.Tensor:
-        """Map a per-position tensor `(B, L + generated)` onto the key axis of a layer `>= from_layer`.
-
-        The result has `n_keys` columns: the kept prompt positions (padding slots get `fill`), then the generated
-        positions. Raises `RuntimeError` when `values` is too short for the layer's keys.
-        """
-        short = torch.where(self.valid.to(values.device), values.gather(1, self.index.to(values.device)),
-                            torch.as_tensor(fill, dtype=values.dtype, device=values.device))
-        extra = n_keys - short.shape[1]
-        out = torch.cat([short, values[:, self.length:self.length + extra]], dim=1)
-        if out.shape[1] != n_keys:
-            raise RuntimeError(f"a layer after the drop attends to {n_keys} keys but {out.shape[1]} are known")
-        return out
 
 
 # -- tensor helpers ----------------------------------------------------------------------------------------------
@@ -225,17 +143,21 @@ def _call_hook(module, args, kwargs, slot: ContextSlot) -> None:
         raise ValueError("an LLM-stage drop needs the 2-D attention mask of a dynamic cache; static / compiled "
                          "caches are not supported")
     spans = ctx.lm_spans or []
-    if ref.shape[0] != len(spans):
-        raise ValueError(f"the language model saw {ref.shape[0]} rows for {len(spans)} prompts: beam search and "
-                         "num_return_sequences > 1 are not supported with an LLM-stage method")
+    rows = int(ref.shape[0])
+    if not spans or rows % len(spans):
+        raise ValueError(f"the language model saw {rows} rows for {len(spans)} prompts")
+    per = rows // len(spans)  # generate repeats each sample num_beams / num_return_sequences times
     past = int(cache.get_seq_length()) if cache is not None else 0
     if past == 0:
         ctx.lm_keep = None
     elif ctx.lm_call is None:
         raise RuntimeError("cannot continue a KV cache produced outside this call: the layers after an LLM-stage "
                            "drop hold fewer tokens; run the whole generation through the wrapped model")
+    forced = ctx.forced_tokens.repeat_interleave(per) if ctx.forced_tokens is not None and past == 0 else None
     ctx.lm_call = LmCall(mask2d=mask if isinstance(mask, torch.Tensor) else None,
-                         position_ids=kwargs.get("position_ids"), length=int(ref.shape[1]), past=past)
+                         position_ids=kwargs.get("position_ids"), length=int(ref.shape[1]), past=past,
+                         spans=[spans[r // per] for r in range(rows)], per_sample=per, forced=forced,
+                         first=ctx.lm_call is None)
 
 
 def _shorten_hook(module, args, output, slot: ContextSlot, scatter_back: bool):
@@ -371,18 +293,25 @@ class LmDrop:
 
         Args:
             ctx: the call context.
-            drops: per sample, the prompt positions to remove (None: nothing is removed).
-            visual_after: per sample, the visual tokens the layers after the drop see (recorded in the trace).
+            drops: per row of the call, the prompt positions to remove (None: nothing is removed).
+            visual_after: per row, the visual tokens the layers after the drop see (recorded in the trace per
+                sample).
             device: where the hidden states live.
         """
         call = ctx.lm_call
         call.decided = True
         if visual_after is not None:
-            ctx.tokens_after = list(visual_after)
-            ctx.record_tokens(f"llm.{self.after_layer}", visual_after)
+            per_sample = list(visual_after)[::call.per_sample]
+            ctx.tokens_after = per_sample
+            ctx.record_tokens(f"llm.{self.after_layer}", per_sample)
         if drops is None or all(d.numel() == 0 for d in drops):
             ctx.lm_keep = None
             return
+        ctx.lm_keep = self._keep(call, drops, device)
+        if call.first:
+            ctx.prompt_keep = ctx.lm_keep
+
+    def _keep(self, call: LmCall, drops: list[torch.Tensor], device) -> LmKeep:
         length = call.length
         keeps = []
         for d in drops:
@@ -398,5 +327,5 @@ class LmDrop:
             sl = slice(0, k.numel()) if right else slice(width - k.numel(), width)
             index[s, sl] = k
             valid[s, sl] = True
-        ctx.lm_keep = LmKeep(after_layer=self.after_layer, index=index.to(device), valid=valid.to(device),
-                             length=length)
+        return LmKeep(after_layer=self.after_layer, index=index.to(device), valid=valid.to(device), length=length,
+                      full_output=self.scatter_back)

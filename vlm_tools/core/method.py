@@ -21,6 +21,8 @@ or drop tokens; "modifier" changes the vision tower without selecting tokens and
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -32,10 +34,9 @@ from vlm_tools.core.hooks import HookHandle
 
 if TYPE_CHECKING:
     from vlm_tools.core.adapters import ModelAdapter, VisionPlan
-    from vlm_tools.core.lm_drop import LmCall, LmKeep
 
-__all__ = ["Method", "Modifier", "CallContext", "ContextSlot", "TokenRecord", "current_index", "all_rows",
-           "SELECTING_KINDS"]
+__all__ = ["Method", "Modifier", "CallContext", "ContextSlot", "TokenRecord", "LmCall", "LmKeep", "current_index",
+           "all_rows", "SELECTING_KINDS"]
 
 #: Kinds whose method chooses the visual tokens before the LLM.
 SELECTING_KINDS = ("vision", "projector")
@@ -53,6 +54,110 @@ class TokenRecord(NamedTuple):
 
 
 @dataclass
+class LmCall:
+    """What the language model was called with in its current call (one prefill or one decoding step; set by
+    `vlm_tools.core.lm_drop`).
+
+    Attributes:
+        mask2d: the call's 2-D attention mask over the full-length key axis, or None (no padding).
+        position_ids: the call's position ids, or None (the default numbering from `past`).
+        length: query length of the call.
+        past: cached length before the call (0: a prefill).
+        spans: per row of the call, `(start, length, image)` of each image's placeholder run (the rows of one sample
+            repeat its spans under `num_return_sequences` / beam search).
+        per_sample: rows per sample (`generate` expands each sample `num_beams` / `num_return_sequences` times).
+        forced: `(B,)` trailing teacher-forced tokens per row (see `WrappedModel.forward`), or None.
+        first: whether this is the first language-model call of the wrapped call (the prompt's prefill).
+        decided: whether a drop decision was made in this call.
+        layer_kwargs: the replacement mask / rotary / position kwargs of the layers after the drop (computed once).
+    """
+
+    mask2d: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    length: int
+    past: int
+    spans: list[list[tuple[int, int, int]]] = field(default_factory=list)
+    per_sample: int = 1
+    forced: torch.Tensor | None = None
+    first: bool = False
+    decided: bool = False
+    layer_kwargs: dict | None = None
+
+    def sample_of(self, row: int) -> int:
+        """The sample (prompt) a row of the call belongs to."""
+        return row // self.per_sample
+
+    @property
+    def prefill(self) -> bool:
+        """Whether the call starts from an empty cache (the prompt; every call of a cache-less generate)."""
+        return self.past == 0
+
+    def query_positions(self, rows: int, device) -> torch.Tensor:
+        """`(rows,)` position of each row's last prompt token in a prefill: the query whose attention an LLM-stage
+        method decides with (the last attended token, before any teacher-forced continuation)."""
+        if self.mask2d is None or self.mask2d.shape[-1] != self.length:
+            last = torch.full((rows,), self.length - 1, dtype=torch.long, device=device)
+        else:
+            pos = torch.arange(1, self.length + 1, device=self.mask2d.device)
+            last = ((self.mask2d.bool().long() * pos).max(dim=1).values - 1).clamp_min(0).to(device)
+        if self.forced is not None:
+            last = last - self.forced.to(device)
+        return last
+
+    def positions(self, rows: int, device) -> torch.Tensor:
+        """`(rows, length)` position ids the model uses in this call (its own, or the default numbering)."""
+        if self.position_ids is not None:
+            return self.position_ids.to(device).expand(rows, -1)
+        return (torch.arange(self.length, device=device) + self.past).expand(rows, -1)
+
+
+@dataclass
+class LmKeep:
+    """The kept layout of an LLM-stage drop (`vlm_tools.core.lm_drop`): what decoder layers `> after_layer` hold.
+
+    Attributes:
+        after_layer: the drop happens at the output of this decoder layer.
+        index: `(B, S)` original prompt position of each slot of the shortened sequence (padding slots: 0).
+        valid: `(B, S)` False on padding slots.
+        length: the prompt length of the prefill.
+        full_output: the last layer's output is scattered back to the full length (FastV), so the returned sequence
+            covers every prompt position; otherwise it covers the kept slots.
+        held: internal: the full hidden states at the drop, kept until the scatter-back.
+    """
+
+    after_layer: int
+    index: torch.Tensor
+    valid: torch.Tensor
+    length: int
+    full_output: bool = False
+    held: torch.Tensor | None = None
+
+    @property
+    def from_layer(self) -> int:
+        """The first decoder layer that runs on the kept positions."""
+        return self.after_layer + 1
+
+    @property
+    def removed(self) -> torch.Tensor:
+        """`(B,)` prompt positions removed per row."""
+        return self.length - self.valid.sum(1)
+
+    def keys_of(self, values: torch.Tensor, n_keys: int, fill) -> torch.Tensor:
+        """Map a per-position tensor `(B, L + generated)` onto the key axis of a layer `>= from_layer`.
+
+        The result has `n_keys` columns: the kept prompt positions (padding slots get `fill`), then the generated
+        positions. Raises `RuntimeError` when `values` is too short for the layer's keys.
+        """
+        short = torch.where(self.valid.to(values.device), values.gather(1, self.index.to(values.device)),
+                            torch.as_tensor(fill, dtype=values.dtype, device=values.device))
+        extra = n_keys - short.shape[1]
+        out = torch.cat([short, values[:, self.length:self.length + extra]], dim=1)
+        if out.shape[1] != n_keys:
+            raise RuntimeError(f"a layer after the drop attends to {n_keys} keys but {out.shape[1]} are known")
+        return out
+
+
+@dataclass
 class CallContext:
     """State of one wrapped call; created and cleared by `WrappedModel` in try/finally.
 
@@ -64,8 +169,14 @@ class CallContext:
         scores: `(rows, T)` the selecting method's scores of the current patch tokens (fp32; published in the trace).
         kept: per vision row, the kept original patch indices (set by the wrapper after `select`).
         lm_spans: per sample, `(start, length, image index)` of each image's placeholder run in the LLM input.
+        lm_input_ids: the (shrunk, re-padded) `input_ids` the language model receives.
+        lm_attention_mask: its 2-D attention mask.
+        forced_tokens: `(B,)` trailing teacher-forced tokens per sample (`WrappedModel.forward(forced_tokens=...)`):
+            LLM-stage methods decide at the last prompt token before them, as during generation.
         lm_call: what the language model was called with in its current call (set by `core.lm_drop`).
-        lm_keep: the LLM-side kept layout after an LLM-stage drop (set by `core.lm_drop`; `None`: every position).
+        lm_keep: the LLM-side kept layout of the current pass after an LLM-stage drop (set by `core.lm_drop`; `None`:
+            every position). A cache-less `generate` decides afresh at every step.
+        prompt_keep: the kept layout of the call's first pass (the prompt), what `SequenceLayout` describes.
         llm_kept: per `(sample, image)`, the patch indices kept by an LLM-stage decision (same index space as
             `kept`: `crop * patches_per_crop + patch`).
         tokens_after: per sample, the visual tokens the LLM's last layers saw after an LLM-stage decision.
@@ -80,8 +191,12 @@ class CallContext:
     scores: torch.Tensor | None = None
     kept: list[torch.Tensor] | None = None
     lm_spans: list[list[tuple[int, int, int]]] | None = None
+    lm_input_ids: torch.Tensor | None = None
+    lm_attention_mask: torch.Tensor | None = None
+    forced_tokens: torch.Tensor | None = None
     lm_call: LmCall | None = None
     lm_keep: LmKeep | None = None
+    prompt_keep: LmKeep | None = None
     llm_kept: dict[tuple[int, int], torch.Tensor] | None = None
     tokens_after: list[int] | None = None
     layer_tokens: list[TokenRecord] = field(default_factory=list)
@@ -109,12 +224,37 @@ class CallContext:
 
 
 class ContextSlot:
-    """Holds the current `CallContext` of one wrapped model (None between calls)."""
+    """Holds the current `CallContext` of one wrapped model, per thread (None between calls).
 
-    __slots__ = ("ctx",)
+    Each thread sees its own context, so concurrent calls of one wrapped model from several threads do not mix their
+    state. The slot remembers (weakly) the model whose hooks read it: a copy of the model (`copy.deepcopy`, pickling)
+    carries copies of the hooks whose slot owns nothing, which lets a later `wrap` recognise them as stale.
+    """
 
-    def __init__(self) -> None:
-        self.ctx: CallContext | None = None
+    __slots__ = ("_local", "_owner")
+
+    def __init__(self, owner: nn.Module | None = None) -> None:
+        self._local = threading.local()
+        self._owner = weakref.ref(owner) if owner is not None else None
+
+    @property
+    def ctx(self) -> CallContext | None:
+        """This thread's current context."""
+        return getattr(self._local, "ctx", None)
+
+    @ctx.setter
+    def ctx(self, value: CallContext | None) -> None:
+        self._local.ctx = value
+
+    def owned_by(self, model: nn.Module) -> bool:
+        """Whether the hooks reading this slot were attached to `model` itself (not to a model it was copied from)."""
+        return self._owner is not None and self._owner() is model
+
+    def __deepcopy__(self, memo) -> ContextSlot:
+        return ContextSlot()  # a copy belongs to no live wrapper
+
+    def __reduce__(self):
+        return ContextSlot, ()
 
 
 class Method:

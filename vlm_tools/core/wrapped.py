@@ -17,7 +17,10 @@ would treat the wrapper as a second owner of the same parameters.
 from __future__ import annotations
 
 import functools
+import threading
 import time
+import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,14 +30,50 @@ import torch
 from torch import nn
 
 from vlm_tools.core.adapters import ModelAdapter, get_adapter
-from vlm_tools.core.hooks import HookHandle, find_hooks, marked_ids, remove_marked_since
+from vlm_tools.core.hooks import HookHandle, marked_hooks, marked_ids, remove_marked, remove_marked_since
 from vlm_tools.core.method import CallContext, ContextSlot, Method, TokenRecord, all_rows, current_index
 from vlm_tools.core.tokens import assign_images, padding_side, shrink_placeholders
 
-__all__ = ["WrappedModel", "Trace", "SampleTrace", "wrap", "attached", "build_methods"]
+__all__ = ["WrappedModel", "Trace", "SampleTrace", "SequenceLayout", "wrap", "attached", "build_methods",
+           "unwrap_model"]
 
 # Module methods that act on the base model in place and return the module: the wrapper returns itself instead.
 _CHAINABLE = ("to", "eval", "train", "cuda", "cpu", "float", "half", "bfloat16", "double", "requires_grad_")
+
+
+@dataclass
+class SequenceLayout:
+    """What each position of the sequence the language model returned holds (one sample of a call).
+
+    This is the sequence axis of a wrapped `forward`'s logits / hidden states (for `generate`: of the prefill's).
+    Vision-side pruning shortens it; an LLM-stage drop without scatter-back (FlowCut's LLaVA-NeXT stage) shortens it
+    to the kept slots; with scatter-back (FastV) every position stays, and visual tokens removed inside the LLM are
+    marked `DROPPED` (their last-layer hidden states are stale copies from the layer before the drop).
+
+    Attributes:
+        ids: `(L,)` token id at each position (the image placeholder id at visual positions).
+        kind: `(L,)` `PAD`, `TEXT`, `VISUAL` or `DROPPED`.
+        patch: `(L,)` original patch index of visual positions (`crop * patches_per_crop + patch`); -1 at the CLS
+            feature of the "full" strategy, LLaVA-NeXT newline tokens and every non-visual position.
+        image: `(L,)` index of the image (within the sample) a visual position belongs to, -1 elsewhere.
+    """
+
+    PAD = 0
+    TEXT = 1
+    VISUAL = 2
+    DROPPED = 3
+
+    ids: torch.Tensor
+    kind: torch.Tensor
+    patch: torch.Tensor
+    image: torch.Tensor
+
+    def visual_positions(self, image: int | None = None) -> torch.Tensor:
+        """Positions of the visual tokens the last layer processed (optionally of one image)."""
+        sel = self.kind == self.VISUAL
+        if image is not None:
+            sel &= self.image == image
+        return torch.nonzero(sel).flatten()
 
 
 @dataclass
@@ -46,11 +85,13 @@ class SampleTrace:
             `crop * patches_per_crop + patch`, crop 0 being the base image).
         tokens_before: visual tokens the LLM would have seen without pruning (newline tokens included).
         tokens_after: visual tokens the LLM saw.
+        layout: what each position of the returned sequence holds (see `SequenceLayout`).
     """
 
     kept: list[torch.Tensor]
     tokens_before: int
     tokens_after: int
+    layout: SequenceLayout | None = None
 
 
 @dataclass
@@ -141,6 +182,10 @@ def build_methods(method: str | Method | list, config: dict) -> list[Method]:
         out.append(info.cls(info.config_cls.from_dict(cfg, method=name)))
     if not out:
         raise ValueError("no method given")
+    names = [m.name for m in out]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"method(s) {twice} given more than once; stack each method at most once")
     acting = [m for m in out if m.kind != "modifier"]
     if len(acting) > 1:
         raise ValueError(f"at most one pruning method per wrap, got {[m.name for m in acting]}; "
@@ -155,18 +200,14 @@ class WrappedModel:
     """
 
     def __init__(self, model: nn.Module, methods: list[Method]) -> None:
-        leftover = find_hooks(model)
-        if leftover:
-            raise RuntimeError(f"this model is already wrapped by vlm_tools (hooks on {leftover[0][0] or 'root'}); "
-                               "call unwrap() on the existing WrappedModel first")
+        self.adapter: ModelAdapter = get_adapter(model)  # first: anything but a supported model raises here
+        _drop_stale_hooks(model)
         self.model = model
-        self.adapter: ModelAdapter = get_adapter(model)
         self.methods = methods
         for m in methods:
             m.check(self.adapter)
-        self._slot = ContextSlot()
-        self._enabled = True
-        self.last_trace: Trace | None = None
+        self._slot = ContextSlot(owner=model)
+        self._local = threading.local()  # per thread: last_trace, disabled()
         self._handle = HookHandle("wrap")
         before = marked_ids(model)
         try:
@@ -177,6 +218,8 @@ class WrappedModel:
             self._handle.remove()
             remove_marked_since(model, before)  # hooks of a method whose attach failed before returning its handle
             raise
+        # a wrapper that is dropped without unwrap() (e.g. `wrap(model, ...)(**inputs)` in one line) removes its hooks
+        weakref.finalize(self, self._handle.remove)
 
     # -- public API ------------------------------------------------------------------------------------------
     @property
@@ -200,6 +243,23 @@ class WrappedModel:
     def is_wrapped(self) -> bool:
         return not self._handle.removed
 
+    @property
+    def last_trace(self) -> Trace | None:
+        """The trace of this thread's last wrapped call (None before the first)."""
+        return getattr(self._local, "trace", None)
+
+    @last_trace.setter
+    def last_trace(self, trace: Trace | None) -> None:
+        self._local.trace = trace
+
+    @property
+    def _enabled(self) -> bool:
+        return getattr(self._local, "enabled", True)
+
+    @_enabled.setter
+    def _enabled(self, value: bool) -> None:
+        self._local.enabled = value
+
     def unwrap(self) -> nn.Module:
         """Remove every hook this wrapper attached and return the base model (the same object)."""
         self._handle.remove()
@@ -207,7 +267,7 @@ class WrappedModel:
 
     @contextmanager
     def disabled(self) -> Iterator[nn.Module]:
-        """Within this block, calls go to the base model unchanged (hooks stay attached but inactive)."""
+        """Within this block, calls (of this thread) go to the base model unchanged (hooks stay attached, inactive)."""
         prev = self._enabled
         self._enabled = False
         try:
@@ -223,6 +283,13 @@ class WrappedModel:
         methods = " + ".join(repr(m) for m in self.methods)
         return f"WrappedModel({type(self.model).__name__}, {methods}, {state})"
 
+    def __reduce__(self):
+        # pickling / deepcopy: the base model (with copies of the hooks, stale once copied) and the methods; loading
+        # drops the stale hooks and wraps the copy afresh
+        if not self.is_wrapped:
+            raise TypeError("an unwrapped WrappedModel cannot be pickled; pickle its base model")
+        return _rewrap, (self.model, [_method_spec(m) for m in self.methods])
+
     def __getattr__(self, name: str):
         # only called for names the wrapper does not have: the base model's own (see the module docstring)
         model = self.__dict__.get("model")
@@ -235,8 +302,18 @@ class WrappedModel:
 
     def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                image_sizes: torch.Tensor | None = None, **kwargs):
-        """Forward with pruning. Logits cover the shrunk sequence (see `last_trace` for the kept tokens)."""
+                image_sizes: torch.Tensor | None = None, forced_tokens: list[int] | torch.Tensor | None = None,
+                **kwargs):
+        """Forward with pruning. Logits cover the shrunk sequence (see `last_trace` for the kept tokens).
+
+        Args:
+            forced_tokens: per sample, how many trailing tokens are a teacher-forced continuation of the prompt (an
+                answer). Methods that decide inside the LLM (FastV, FlowCut's LLaVA-NeXT stage) then rank with the
+                last prompt token before them, so the pass computes exactly what generating that answer computed.
+                Vision-side methods do not depend on it.
+        """
+        if forced_tokens is not None:
+            kwargs["_forced_tokens"] = forced_tokens
         return self._run("forward", input_ids, pixel_values, attention_mask, labels, image_sizes, kwargs)
 
     def generate(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
@@ -249,6 +326,7 @@ class WrappedModel:
     def _run(self, mode, input_ids, pixel_values, attention_mask, labels, image_sizes, kwargs):
         if self._handle.removed:
             raise RuntimeError("this WrappedModel was unwrapped; wrap the model again")
+        forced = kwargs.pop("_forced_tokens", None)
         if not self._enabled:
             call = self.model.generate if mode == "generate" else self.model
             extra = {"labels": labels} if labels is not None else {}
@@ -260,11 +338,11 @@ class WrappedModel:
             raise ValueError("WrappedModel needs input_ids (the processor's output), not inputs_embeds")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        ctx = CallContext()
+        ctx = CallContext(forced_tokens=_forced(forced, attention_mask))
         self._slot.ctx = ctx
         try:
             t0 = time.perf_counter()
-            model_inputs, spans_info = self._prepare(ctx, input_ids, pixel_values, attention_mask, labels,
+            model_inputs, spans_info = self._prepare(ctx, mode, input_ids, pixel_values, attention_mask, labels,
                                                      image_sizes)
             if mode == "forward":
                 out = self.model(**model_inputs, **kwargs)
@@ -277,13 +355,21 @@ class WrappedModel:
         finally:
             self._slot.ctx = None
 
-    def _prepare(self, ctx: CallContext, input_ids, pixel_values, attention_mask, labels, image_sizes):
+    def _prepare(self, ctx: CallContext, mode: str, input_ids, pixel_values, attention_mask, labels, image_sizes):
         ad = self.adapter
         has_placeholders = bool((input_ids == ad.image_token_id).any())
+        # generation continues every row at its end: a right-padded batch is re-padded on the left for the LLM (the
+        # returned sequences still start with the caller's own input_ids)
+        side = "left" if mode == "generate" else padding_side(attention_mask)
         if pixel_values is None:
             if has_placeholders:
                 raise ValueError("the prompt has image placeholder tokens but pixel_values is missing")
             ctx.lm_spans = [[] for _ in range(input_ids.shape[0])]
+            if side != padding_side(attention_mask):
+                input_ids, attention_mask, labels, _ = shrink_placeholders(
+                    input_ids, attention_mask, labels, ctx.lm_spans, [], self._pad_id(input_ids, attention_mask),
+                    side)
+            ctx.lm_input_ids, ctx.lm_attention_mask = input_ids, attention_mask
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
             if labels is not None:
                 inputs["labels"] = labels
@@ -325,11 +411,11 @@ class WrappedModel:
         feats = ad.pack(projected, kept, plan)
         after = [f.shape[0] for f in feats]
 
-        side = padding_side(attention_mask)
         pad_id = self._pad_id(input_ids, attention_mask)
         new_ids, new_mask, new_labels, new_spans = shrink_placeholders(input_ids, attention_mask, labels, spans,
                                                                        after, pad_id, side)
         ctx.lm_spans = new_spans
+        ctx.lm_input_ids, ctx.lm_attention_mask = new_ids, new_mask
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         inputs = {"input_ids": new_ids, "attention_mask": new_mask,
@@ -351,7 +437,10 @@ class WrappedModel:
     @staticmethod
     def _restore_prompt(out, input_ids, shrunk_len):
         seqs = out if isinstance(out, torch.Tensor) else out.sequences
-        restored = torch.cat([input_ids.to(seqs.device), seqs[:, shrunk_len:]], dim=1)
+        prompt = input_ids.to(seqs.device)
+        if seqs.shape[0] != prompt.shape[0]:  # num_return_sequences: each sample's rows are adjacent
+            prompt = prompt.repeat_interleave(seqs.shape[0] // prompt.shape[0], dim=0)
+        restored = torch.cat([prompt, seqs[:, shrunk_len:]], dim=1)
         if isinstance(out, torch.Tensor):
             return restored
         out.sequences = restored
@@ -362,6 +451,7 @@ class WrappedModel:
         n_samples = len(spans)
         samples = []
         plan = ctx.plan
+        layouts = self._layouts(ctx)
         for s in range(n_samples):
             imgs = [img for _, _, img in spans[s]]
             kept_imgs = []
@@ -373,12 +463,102 @@ class WrappedModel:
                 kept_imgs.append(torch.cat([ctx.kept[r].cpu() + j * plan.n_patches for j, r in enumerate(rws)]))
             tb = sum(before[i] for i in imgs)
             ta = ctx.tokens_after[s] if ctx.tokens_after is not None else sum(after[i] for i in imgs)
-            samples.append(SampleTrace(kept=kept_imgs, tokens_before=tb, tokens_after=ta))
+            samples.append(SampleTrace(kept=kept_imgs, tokens_before=tb, tokens_after=ta, layout=layouts[s]))
         extra = {}
         if ctx.scores is not None:
             extra["scores"] = ctx.scores.detach().float().cpu()  # per vision row, over current patches
         return Trace(method="+".join(m.name for m in self.methods), samples=samples, prefill_ms=prefill_ms,
                      grid=plan.grid if plan is not None else None, layer_tokens=list(ctx.layer_tokens), extra=extra)
+
+
+    def _layouts(self, ctx: CallContext) -> list[SequenceLayout]:
+        """Per sample, what each position of the returned sequence holds (see `SequenceLayout`)."""
+        L = SequenceLayout
+        ids = ctx.lm_input_ids.cpu()
+        kind = torch.where(ctx.lm_attention_mask.cpu().bool(), L.TEXT, L.PAD)
+        patch = torch.full_like(ids, -1)
+        image = torch.full_like(ids, -1)
+        for s, runs in enumerate(ctx.lm_spans):
+            for k, (start, n, img) in enumerate(runs):
+                kind[s, start:start + n] = L.VISUAL
+                patch[s, start:start + n] = ctx.token_layout(self.adapter, img)
+                image[s, start:start + n] = k
+        keep = ctx.prompt_keep
+        if keep is not None:
+            per = keep.index.shape[0] // ids.shape[0]  # generate's num_beams / num_return_sequences rows per sample
+            index, valid = keep.index.cpu()[::per], keep.valid.cpu()[::per]
+            if keep.full_output:
+                seen = torch.zeros_like(kind, dtype=torch.bool)
+                for s in range(ids.shape[0]):
+                    seen[s, index[s, valid[s]]] = True
+                kind = torch.where((kind == L.VISUAL) & ~seen, L.DROPPED, kind)
+            else:
+                ids, patch, image = (t.gather(1, index) for t in (ids, patch, image))
+                kind = torch.where(valid, kind.gather(1, index), L.PAD)
+                patch, image = patch.masked_fill(~valid, -1), image.masked_fill(~valid, -1)
+        return [L(ids[s], kind[s], patch[s], image[s]) for s in range(ids.shape[0])]
+
+
+def _forced(forced: list[int] | torch.Tensor | None, attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """Validate `forced_tokens` against the batch (one non-negative count per sample, below its real length)."""
+    if forced is None:
+        return None
+    t = torch.as_tensor(forced, dtype=torch.long).flatten()
+    real = attention_mask.sum(1).cpu()
+    if t.numel() != real.numel() or bool((t < 0).any()) or bool((t >= real).any()):
+        raise ValueError(f"forced_tokens must give, per sample, a count in 0..(real length - 1); got {t.tolist()} "
+                         f"for real lengths {real.tolist()}")
+    return t
+
+
+def _slot_of(fn) -> ContextSlot | None:
+    slot = getattr(fn, "keywords", {}).get("slot")
+    return slot if isinstance(slot, ContextSlot) else None
+
+
+def _drop_stale_hooks(model: nn.Module) -> None:
+    """Refuse a model wrapped by a live wrapper; remove vlm_tools hooks that a copy of a wrapped model carried."""
+    hooks = marked_hooks(model)
+    if not hooks:
+        return
+    live = [fn for fn in hooks if (slot := _slot_of(fn)) is not None and slot.owned_by(model)]
+    if live:
+        raise RuntimeError("this model is already wrapped by vlm_tools; call unwrap() on the existing WrappedModel, "
+                           "or vlm_tools.unwrap(model) to remove every vlm_tools hook from it")
+    n = remove_marked(model)
+    warnings.warn(f"removed {n} stale vlm_tools hook(s) that this model carried from the model it was copied from "
+                  "(deepcopy / pickle of a wrapped model)", RuntimeWarning, stacklevel=3)
+
+
+def unwrap_model(model: nn.Module | WrappedModel) -> nn.Module:
+    """Remove every vlm_tools hook from `model` (also when its wrapper is gone) and return the base model.
+
+    A `WrappedModel` is unwrapped the normal way (`wrapped.unwrap()`); for a plain model every marked hook is removed,
+    whoever attached it. Parameters are never left swapped between calls, so removing the hooks restores the model.
+    """
+    if isinstance(model, WrappedModel):
+        return model.unwrap()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unwrap() takes a model or a WrappedModel, got {type(model).__name__}")
+    remove_marked(model)
+    return model
+
+
+def _method_spec(m: Method):
+    from vlm_tools._registry import get_method
+
+    try:
+        registered = get_method(m.name).cls is type(m)
+    except KeyError:
+        registered = False
+    return (m.name, m.config.to_dict()) if registered else m
+
+
+def _rewrap(model: nn.Module, specs: list) -> WrappedModel:
+    """Unpickling a WrappedModel: the model's copied hooks are stale (their slots own nothing); wrap it afresh."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return WrappedModel(model, build_methods(list(specs), {}))
 
 
 def _chain(wrapper: WrappedModel, fn, *args, **kwargs) -> WrappedModel:

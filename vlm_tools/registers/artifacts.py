@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import functools
-import json
+import io
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -25,15 +25,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm_tools.core.io import write_text_atomic
+from vlm_tools.core.adapters import get_tower
+from vlm_tools.core.attention import input_hidden_states, query_attention
+from vlm_tools.core.hooks import HookHandle
+from vlm_tools.core.io import write_bytes_atomic, write_json_atomic
 
-from . import backbones, tta
+from . import tta
+from .student import vit_of
 
 __all__ = [
     "OUTLIER_RULES",
     "ArtifactMeasures",
     "artifact_report",
     "measure_artifacts",
+    "colourbar_image",
     "norm_map_image",
     "outlier_mask",
     "summarize",
@@ -42,7 +47,8 @@ __all__ = [
 OUTLIER_RULES = ("mad", "ratio", "fixed")
 
 
-def outlier_mask(norms: torch.Tensor, rule: str = "mad", k: float = 5.0, threshold: float | None = None) -> torch.Tensor:
+def outlier_mask(norms: torch.Tensor, rule: str = "mad", k: float = 5.0,
+                 threshold: float | None = None) -> torch.Tensor:
     """Flag outlier tokens per image.
 
     Args:
@@ -71,44 +77,14 @@ def outlier_mask(norms: torch.Tensor, rule: str = "mad", k: float = 5.0, thresho
     return mask.view(norms.shape)
 
 
-def _attention_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    if args:
-        return args[0]
-    for key in ("hidden_states", "x"):
-        if key in kwargs:
-            return kwargs[key]
-    raise RuntimeError("could not find the attention input among the call's arguments")
-
-
-def _cls_row(family: str, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``(B, T)`` head-mean attention of token 0 over all keys, recomputed in fp32."""
+def _cls_row(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`(B, T)` head-mean attention of token 0 over all keys, recomputed in fp32 (autocast off)."""
     with torch.autocast(device_type=x.device.type, enabled=False):
-        xf = x.float()
-        b, t, _ = xf.shape
-        if family == "timm":
-            if not hasattr(attn, "qkv"):
-                raise TypeError(f"{type(attn).__name__} has no fused qkv projection; the CLS row cannot be recomputed")
-            heads, hd = attn.num_heads, attn.head_dim
-            qkv = F.linear(xf, attn.qkv.weight.float(), None if attn.qkv.bias is None else attn.qkv.bias.float())
-            q, k, _ = qkv.reshape(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
-            q = attn.q_norm(q.to(x.dtype)).float() if not isinstance(attn.q_norm, nn.Identity) else q
-            k = attn.k_norm(k.to(x.dtype)).float() if not isinstance(attn.k_norm, nn.Identity) else k
-            scale = attn.scale
-        else:
-            heads = attn.num_attention_heads if family == "hf_dinov2" else attn.num_heads
-            hd = attn.head_dim
-            q = F.linear(xf[:, :1], attn.q_proj.weight.float(),
-                         None if attn.q_proj.bias is None else attn.q_proj.bias.float())
-            k = F.linear(xf, attn.k_proj.weight.float(), None if attn.k_proj.bias is None else attn.k_proj.bias.float())
-            q = q.view(b, 1, heads, hd).transpose(1, 2)
-            k = k.view(b, t, heads, hd).transpose(1, 2)
-            scale = attn.scaling if family == "hf_dinov2" else attn.scale
-        logits = (q[:, :, :1] @ k.transpose(-1, -2)) * scale  # (B, H, 1, T)
-        return logits.softmax(-1).mean(1)[:, 0]
+        return query_attention(attn, x, 0).mean(1)[:, 0]
 
 
-def _cls_row_hook(store: dict, family: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
-    store["cls_row"] = _cls_row(family, module, _attention_input(args, kwargs)).detach()
+def _cls_row_hook(store: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    store["cls_row"] = _cls_row(module, input_hidden_states(args, kwargs)).detach()
 
 
 def _block_output_hook(store: dict, module: nn.Module, args: tuple, output: Any) -> None:
@@ -171,23 +147,17 @@ def measure_artifacts(model: nn.Module, pixel_values: torch.Tensor, block: int =
     Returns:
         The measurements.
     """
-    vit = tta._vit_of(model)
-    spec = backbones.describe(vit)
-    gh, gw = backbones.grid_shape(spec, pixel_values.shape[-2], pixel_values.shape[-1])
-    blocks = backbones.get_blocks(vit)
-    b_idx = backbones.resolve_block(block, len(blocks))
-    s_idx = backbones.resolve_block(sink_block, len(blocks))
+    vit = vit_of(model)
+    tower = get_tower(vit)
+    spec = tower.spec
+    gh, gw = tower.grid(pixel_values.shape[-2], pixel_values.shape[-1])
+    b_idx = tower.resolve_block(block)
+    s_idx = tower.resolve_block(sink_block)
     store: dict = {}
-    handles = []
-    try:
-        handles.append(blocks[b_idx].register_forward_hook(functools.partial(_block_output_hook, store)))
-        attn = backbones.get_attention(blocks[s_idx], spec.family)
-        handles.append(attn.register_forward_pre_hook(functools.partial(_cls_row_hook, store, spec.family),
-                                                      with_kwargs=True))
-        final = backbones.patch_tokens(vit, pixel_values, None)
-    finally:
-        for h in handles:
-            h.remove()
+    with HookHandle("registers.measure") as handle:
+        handle.forward_hook(tower.blocks[b_idx], functools.partial(_block_output_hook, store))
+        handle.forward_pre_hook(tower.attention(s_idx), functools.partial(_cls_row_hook, store), with_kwargs=True)
+        final = tower.patch_tokens(pixel_values, None)
     start, n = spec.num_prefix_tokens, gh * gw
     b = pixel_values.shape[0]
     norms = store["tokens"][:, start: start + n].float().norm(dim=-1).view(b, gh, gw)
@@ -260,6 +230,30 @@ def _labelled_row(tiles: Sequence[tuple[str, Any]], pad: int = 4):
     return canvas
 
 
+def colourbar_image(vmin: float, vmax: float, height: int, width: int = 14, label_width: int = 56):
+    """A vertical colour scale for `norm_map_image` (vmin at the bottom, vmax at the top) with value labels."""
+    from PIL import Image, ImageDraw
+
+    ramp = np.linspace(vmax, vmin, height, dtype=np.float32)[:, None].repeat(width, 1)
+    strip = norm_map_image(ramp, vmax, 1, None, vmin)
+    canvas = Image.new("RGB", (width + label_width, height), (255, 255, 255))
+    canvas.paste(strip, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle([0, 0, width - 1, height - 1], outline=(0, 0, 0))
+    for frac in (0.0, 0.5, 1.0):
+        y = int(round(frac * (height - 1)))
+        value = vmax - frac * (vmax - vmin)
+        draw.line([(width, y), (width + 3, y)], fill=(0, 0, 0))
+        draw.text((width + 5, min(max(0, y - 5), height - 11)), f"{value:.3g}", fill=(0, 0, 0))
+    return canvas
+
+
+def _png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _denormalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     m = torch.tensor(mean).view(3, 1, 1)
     s = torch.tensor(std).view(3, 1, 1)
@@ -275,8 +269,8 @@ def artifact_report(models: Mapping[str, nn.Module], images: str | os.PathLike |
     """Measure several models (e.g. teacher and student) side by side on the same images.
 
     Writes ``report.json`` (settings, per-model aggregates, per-image values) and, with ``maps``, one PNG per image:
-    the input crop and each model's norm map on a shared colour scale (min to max over the models, labelled with each
-    map's maximum), outliers outlined in red.
+    the input crop, each model's norm map on a shared colour scale (min to max over the models, labelled with each
+    map's maximum) and the colour bar of that scale ("L2 norm"), outliers outlined in red.
 
     Args:
         models: Display name to model (supported ViTs or register students sharing patch size and normalisation).
@@ -296,7 +290,7 @@ def artifact_report(models: Mapping[str, nn.Module], images: str | os.PathLike |
 
     if not models:
         raise ValueError("give at least one model")
-    specs = {name: backbones.describe(tta._vit_of(m)) for name, m in models.items()}
+    specs = {name: get_tower(vit_of(m)).spec for name, m in models.items()}
     first = next(iter(specs.values()))
     for name, s in specs.items():
         if (s.patch_size, s.mean, s.std) != (first.patch_size, first.mean, first.std):
@@ -310,7 +304,7 @@ def artifact_report(models: Mapping[str, nn.Module], images: str | os.PathLike |
     if max_images is not None:
         files = files[:max_images]
     size = image_size or first.image_size
-    backbones.grid_shape(first, size, size)
+    get_tower(vit_of(next(iter(models.values())))).grid(size, size)
     source = data.ImageSource(paths=files, description="report")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -344,8 +338,9 @@ def artifact_report(models: Mapping[str, nn.Module], images: str | os.PathLike |
                     (f"{name} max {float(m.norms[j].max()):.1f}",
                      norm_map_image(m.norms[j].numpy(), vmax, scale, m.outliers[j].numpy(), vmin))
                     for name, m in results.items()]
+                tiles.append(("L2 norm", colourbar_image(vmin, vmax, gh * scale)))
                 fig = out / f"norms_{i:03d}_{files[i].stem}.png"
-                _labelled_row(tiles).save(fig)
+                write_bytes_atomic(fig, _png(_labelled_row(tiles)))
                 figures.append(fig.name)
     report = {
         "settings": {"image_size": size, "block": block, "sink_block": sink_block, "rule": rule, "k": k,
@@ -356,5 +351,5 @@ def artifact_report(models: Mapping[str, nn.Module], images: str | os.PathLike |
         "images": per_image,
         "figures": figures,
     }
-    write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_json_atomic(out / "report.json", report, indent=2)
     return report

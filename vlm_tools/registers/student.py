@@ -3,14 +3,15 @@
 Two ways to add the registers, both without touching any library class:
 
 * ``native`` (timm ``VisionTransformer``): the copy is given timm's own register mechanism, exactly as
-  ``timm.create_model(..., reg_tokens=N)`` builds it: a ``reg_token`` parameter after the CLS token, ``num_prefix_tokens``
-  and ``num_reg_tokens`` increased, and (for models whose position embedding covers the prefix tokens) zero position
-  rows for the new registers. timm's own forward then inserts and (via ``num_prefix_tokens``) skips them.
+  ``timm.create_model(..., reg_tokens=N)`` builds it: a ``reg_token`` parameter after the CLS token,
+  ``num_prefix_tokens`` and ``num_reg_tokens`` increased, and (for models whose position embedding covers the prefix
+  tokens) zero position rows for the new registers. timm's own forward then inserts and (via ``num_prefix_tokens``)
+  skips them.
 * ``hook`` (HF ``Dinov2Model``, ``CLIPVisionModel``): a forward hook on the instance's ``embeddings`` module appends the
   registers at the END of the sequence (after pos-emb, before any pre-norm), and a forward hook on the model strips
   them from ``last_hidden_state``, every ``hidden_states`` entry and any ``attentions``, so downstream code sees the
-  original token layout (CLS at 0, patches at ``1:``). The hooks live in a :class:`RegisterHooks` handle with an
-  idempotent ``remove()``.
+  original token layout (CLS at 0, patches at ``1:``). The hooks are marked `vlm_tools.core.hooks` hooks held by a
+  :class:`RegisterHooks` handle (a `HookHandle`) with an idempotent ``remove()``.
 
 Unlocked groups (``StudentConfig.unlock``): ``registers``, ``pos_embed``, ``patch_embed`` and ``last_block`` (the
 ``unlock_last_blocks`` blocks ending at the distillation target block). Everything else is frozen.
@@ -23,7 +24,7 @@ import functools
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlm_tools.core.io import write_bytes_atomic
+from vlm_tools.core.adapters import TowerSpec, get_tower
+from vlm_tools.core.hooks import HookHandle
+from vlm_tools.core.io import replace_dir_atomic, write_bytes_atomic, write_json_atomic
 
-from . import backbones
+from .backbones import unlock_param_names
+from .clip_recipe import RECIPES, attach_value_readout, check_clip_tower, dense_projection
 
 __all__ = [
     "DEFAULT_UNLOCK",
@@ -46,11 +50,12 @@ __all__ = [
     "StudentFormatError",
     "attach_registers",
     "build_student",
-    "iter_hooks",
+    "export_config",
     "load_student",
     "read_student_export",
     "save_student",
     "strip_registers",
+    "vit_of",
 ]
 
 UNLOCK_GROUPS = ("registers", "pos_embed", "patch_embed", "last_block")
@@ -75,6 +80,8 @@ class StudentConfig:
         target_block: Block whose output is distilled (``None``: the final normalised output, as in PH-Reg).
         init_seed: Seed of the register initialisation.
         init_std: Std of the register initialisation (``None``: ``1/sqrt(D)``, PH-Reg's ``randn/sqrt(D)``).
+        recipe: ``"plain"`` (the tower as it is) or ``"clip"`` (PH-Reg's CLIP recipe, `.clip_recipe`: the last
+            block keeps only its value path, and dense features get the tower's projection; final output only).
     """
 
     num_registers: int = 16
@@ -83,8 +90,19 @@ class StudentConfig:
     target_block: int | None = None
     init_seed: int = 0
     init_std: float | None = None
+    recipe: str = "plain"
 
     def __post_init__(self) -> None:
+        for name in ("num_registers", "unlock_last_blocks", "init_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+        if self.target_block is not None and (isinstance(self.target_block, bool)
+                                              or not isinstance(self.target_block, int)):
+            raise TypeError(f"target_block must be an int or None, got {self.target_block!r}")
+        if self.init_std is not None and (isinstance(self.init_std, bool)
+                                          or not isinstance(self.init_std, (int, float))):
+            raise TypeError(f"init_std must be a number or None, got {self.init_std!r}")
         if self.num_registers < 1:
             raise ValueError(f"num_registers must be >= 1, got {self.num_registers}")
         object.__setattr__(self, "unlock", tuple(self.unlock))
@@ -95,6 +113,10 @@ class StudentConfig:
             raise ValueError(f"unlock_last_blocks must be >= 0, got {self.unlock_last_blocks}")
         if self.init_std is not None and self.init_std <= 0:
             raise ValueError(f"init_std must be positive, got {self.init_std}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; choose from {list(RECIPES)}")
+        if self.recipe == "clip" and self.target_block is not None:
+            raise ValueError("the CLIP recipe distils the final output; target_block must be None")
 
     def to_json(self) -> dict:
         """JSON-serialisable form."""
@@ -112,30 +134,16 @@ class StudentConfig:
         return cls(**{k: (tuple(v) if k == "unlock" else v) for k, v in data.items()})
 
 
-class RegisterHooks:
-    """Handle of the register hooks on one model instance; ``remove()`` is idempotent.
+class RegisterHooks(HookHandle):
+    """The `HookHandle` of the register hooks on one model instance (marked hooks; `remove()` is idempotent).
 
     Usable as a context manager (removes on exit).
     """
 
-    def __init__(self, handles: list) -> None:
-        self._handles = list(handles)
-
     @property
     def active(self) -> bool:
         """Whether the hooks are still attached."""
-        return bool(self._handles)
-
-    def remove(self) -> None:
-        """Remove every hook (safe to call more than once)."""
-        while self._handles:
-            self._handles.pop().remove()
-
-    def __enter__(self) -> RegisterHooks:  # noqa: PYI034
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
+        return not self.removed and any(True for _ in self)
 
 
 def _append_registers(registers: nn.Parameter, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -194,20 +202,20 @@ def attach_registers(vit: nn.Module, registers: nn.Parameter) -> RegisterHooks:
         TypeError: For timm models (use :func:`build_student`, which uses timm's native registers) or other models.
         ValueError: If the register width does not match the model.
     """
-    spec = backbones.describe(vit)
+    tower = get_tower(vit)
+    spec = tower.spec
     if spec.family == "timm":
         raise TypeError("timm VisionTransformer takes native registers; use build_student()")
     if registers.ndim != 3 or registers.shape[0] != 1 or registers.shape[2] != spec.embed_dim:
         raise ValueError(f"registers must have shape (1, N, {spec.embed_dim}), got {tuple(registers.shape)}")
-    handles: list = []
+    handle = RegisterHooks("registers.student")
     try:
-        handles.append(vit.embeddings.register_forward_hook(functools.partial(_append_registers, registers)))
-        handles.append(vit.register_forward_hook(functools.partial(strip_registers, int(registers.shape[1]))))
+        handle.forward_hook(tower.embeddings, functools.partial(_append_registers, registers))
+        handle.forward_hook(vit, functools.partial(strip_registers, int(registers.shape[1])))
     except BaseException:
-        for h in handles:
-            h.remove()
+        handle.remove()
         raise
-    return RegisterHooks(handles)
+    return handle
 
 
 def _add_native_registers(vit: nn.Module, init: torch.Tensor) -> None:
@@ -238,11 +246,11 @@ class RegisterStudent(nn.Module):
         vit: The ViT (timm with native registers, or HF with register hooks attached).
         config: The :class:`StudentConfig`.
         mode: ``"native"`` or ``"hook"``.
-        base_spec: :class:`.backbones.BackboneSpec` of the base model (before registers).
+        base_spec: the `TowerSpec` of the base model (before registers).
         registers: The register parameter in hook mode (``None`` in native mode: see :meth:`get_registers`).
     """
 
-    def __init__(self, vit: nn.Module, config: StudentConfig, base_spec: backbones.BackboneSpec, mode: str,
+    def __init__(self, vit: nn.Module, config: StudentConfig, base_spec: TowerSpec, mode: str,
                  registers: nn.Parameter | None, hooks: RegisterHooks | None) -> None:
         super().__init__()
         self.vit = vit
@@ -251,8 +259,8 @@ class RegisterStudent(nn.Module):
         self.mode = mode
         self.registers = registers
         self._hooks = hooks
-        self._unlocked = backbones.unlock_param_names(vit, config.unlock, config.unlock_last_blocks,
-                                                      config.target_block)
+        self.tower = get_tower(vit)
+        self._unlocked = unlock_param_names(vit, config.unlock, config.unlock_last_blocks, config.target_block)
 
     @property
     def num_registers(self) -> int:
@@ -298,17 +306,26 @@ class RegisterStudent(nn.Module):
             block: Override of ``config.target_block`` (``None`` uses the config; the final output when that is
                 ``None`` too).
         """
-        return backbones.patch_tokens(self.vit, pixel_values, self.config.target_block if block is None else block)
+        target = self.config.target_block if block is None else block
+        tokens = self.tower.patch_tokens(pixel_values, target)
+        proj = dense_projection(self.vit) if self.config.recipe == "clip" and target is None else None
+        return tokens if proj is None else proj(tokens)
 
     def remove_hooks(self) -> None:
-        """Detach the register hooks (hook mode; idempotent). The student then behaves like the plain copy."""
+        """Detach the student's hooks (registers in hook mode, the CLIP recipe's value readout; idempotent). The
+        student then behaves like the plain copy."""
         if self._hooks is not None:
             self._hooks.remove()
 
     @property
     def hooks_active(self) -> bool:
-        """Whether register hooks are attached (always ``False`` in native mode)."""
+        """Whether the student's hooks are attached (native mode has some only with the CLIP recipe)."""
         return self._hooks is not None and self._hooks.active
+
+
+def vit_of(model: nn.Module) -> nn.Module:
+    """The ViT of a `RegisterStudent` (registers attached), or `model` itself for a plain ViT."""
+    return model.vit if isinstance(model, RegisterStudent) else model
 
 
 def _init_registers(n: int, dim: int, config: StudentConfig, like: torch.Tensor) -> torch.Tensor:
@@ -321,26 +338,32 @@ def build_student(teacher: nn.Module, config: StudentConfig | None = None) -> Re
     """Build a register student from a (frozen) teacher ViT; the teacher instance is not modified.
 
     Args:
-        teacher: A supported ViT (:data:`.backbones.SUPPORTED_FAMILIES`).
+        teacher: A supported ViT (`vlm_tools.core.adapters.SUPPORTED_TOWER_FAMILIES`).
         config: Student settings (defaults: 16 registers, PH-Reg's unlocked groups).
 
     Returns:
         The student (a deep copy of the teacher plus registers), with only the unlocked parameters requiring grad.
     """
     config = config or StudentConfig()
-    base_spec = backbones.describe(teacher)
+    base_tower = get_tower(teacher)
+    base_spec = base_tower.spec
     if config.target_block is not None:
-        backbones.resolve_block(config.target_block, base_spec.depth)
+        base_tower.resolve_block(config.target_block)
+    if config.recipe == "clip":
+        check_clip_tower(teacher)
     vit = copy.deepcopy(teacher)
     ref = next(vit.parameters())
     init = _init_registers(config.num_registers, base_spec.embed_dim, config, ref)
     if base_spec.family == "timm":
         _add_native_registers(vit, init)
-        student = RegisterStudent(vit, config, base_spec, "native", None, None)
+        mode, registers, hooks = "native", None, None
     else:
         registers = nn.Parameter(init)
-        hooks = attach_registers(vit, registers)
-        student = RegisterStudent(vit, config, base_spec, "hook", registers, hooks)
+        mode, hooks = "hook", attach_registers(vit, registers)
+    if config.recipe == "clip":
+        hooks = hooks or RegisterHooks("registers.student")
+        attach_value_readout(vit, hooks)
+    student = RegisterStudent(vit, config, base_spec, mode, registers, hooks)
     student.freeze_for_training()
     return student
 
@@ -348,11 +371,13 @@ def build_student(teacher: nn.Module, config: StudentConfig | None = None) -> Re
 def save_student(student: RegisterStudent, out_dir: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
     """Export the student: ``student.safetensors`` (registers + unlocked parameters) and ``student_config.json``.
 
-    Both files are written atomically (temp file + rename).
+    The folder is written as a set (`vlm_tools.core.io.replace_dir_atomic`): both files go to a temporary sibling
+    that then replaces ``out_dir``, so a failure leaves the previous export (or none) intact, never a weights file
+    beside a config of another student.
 
     Args:
         student: The student.
-        out_dir: Directory to write to (created if needed).
+        out_dir: Directory to write (replaced as a whole if it exists; its parent is created if needed).
         extra: Extra JSON-serialisable metadata stored under ``"extra"`` (e.g. training settings).
 
     Returns:
@@ -361,21 +386,31 @@ def save_student(student: RegisterStudent, out_dir: str | os.PathLike, extra: Ma
     from safetensors.torch import save
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        other = sorted(p.name for p in out.iterdir()) if out.is_dir() else [out.name]
+        other = [n for n in other if n not in (STUDENT_WEIGHTS, STUDENT_CONFIG)]
+        if other or not out.is_dir():
+            raise FileExistsError(f"{out} holds other files than a student export ({other[:3]}); an export replaces "
+                                  "its folder as a whole, so give a new or an export folder")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in student.exported_named_parameters().items()}
     meta = {
         "format": _FORMAT,
         "mode": student.mode,
         "register_position": "after_cls" if student.mode == "native" else "end",
+        "recipe": student.config.recipe,
         "student": student.config.to_json(),
         "base": student.base_spec.to_json(),
         "base_class": f"{type(student.vit).__module__}.{type(student.vit).__name__}",
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
         "extra": dict(extra or {}),
     }
-    write_bytes_atomic(out / STUDENT_WEIGHTS, save(tensors))
-    write_bytes_atomic(out / STUDENT_CONFIG, (json.dumps(meta, indent=2) + "\n").encode())
-    return out
+    weights = save(tensors)
+
+    def fill(folder: Path) -> None:
+        write_bytes_atomic(folder / STUDENT_WEIGHTS, weights)
+        write_json_atomic(folder / STUDENT_CONFIG, meta, indent=2)
+
+    return replace_dir_atomic(out, fill)
 
 
 def read_student_export(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -408,6 +443,46 @@ def read_student_export(path: str | os.PathLike) -> tuple[dict, dict[str, torch.
     return meta, tensors
 
 
+def export_config(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], folder: str | os.PathLike,
+                  spec: TowerSpec) -> StudentConfig:
+    """The `StudentConfig` of an export, checked against its weights and the base model before anything is built.
+
+    The register count of the config must be the number of register rows in the weights (a crafted
+    ``num_registers: 2**40`` fails here instead of allocating), the register width the base model's, and every
+    tensor the shape the config file declares.
+
+    Raises:
+        StudentFormatError: naming the file and the entry.
+    """
+    folder = Path(folder)
+    cfg_file, w_file = folder / STUDENT_CONFIG, folder / STUDENT_WEIGHTS
+    raw = meta.get("student")
+    if not isinstance(raw, Mapping):
+        raise StudentFormatError(f"{cfg_file}: entry 'student' must be an object of StudentConfig fields")
+    try:
+        config = StudentConfig.from_json(raw)
+    except (TypeError, ValueError) as e:
+        raise StudentFormatError(f"{cfg_file}: entry 'student': {e}") from e
+    regs = tensors.get("registers")
+    if regs is None or regs.ndim != 3 or regs.shape[0] != 1 or regs.shape[2] != spec.embed_dim:
+        raise StudentFormatError(f"{w_file}: entry 'registers' must have shape (1, N, {spec.embed_dim}), got "
+                                 f"{None if regs is None else tuple(regs.shape)}")
+    native = meta.get("mode") == "native"
+    expected = config.num_registers + (spec.num_native_registers if native else 0)
+    if regs.shape[1] != expected:
+        raise StudentFormatError(f"{cfg_file}: entry 'student.num_registers' is {config.num_registers} but {w_file} "
+                                 f"holds {regs.shape[1]} register rows"
+                                 + (f" ({spec.num_native_registers} of them the base model's)" if native else ""))
+    declared = meta.get("tensors", {})
+    if not isinstance(declared, Mapping):
+        raise StudentFormatError(f"{cfg_file}: entry 'tensors' must map tensor names to shapes")
+    for name, t in tensors.items():
+        if name in declared and list(declared[name]) != list(t.shape):
+            raise StudentFormatError(f"{cfg_file}: entry 'tensors.{name}' declares shape {declared[name]}, {w_file} "
+                                     f"holds {list(t.shape)}")
+    return config
+
+
 def load_student(path: str | os.PathLike, base_model: nn.Module) -> RegisterStudent:
     """Load an exported student onto a copy of ``base_model`` (the model the student was distilled from).
 
@@ -423,13 +498,13 @@ def load_student(path: str | os.PathLike, base_model: nn.Module) -> RegisterStud
     """
     meta, tensors = read_student_export(path)
     folder = Path(path) if Path(path).is_dir() else Path(path).parent
-    spec = backbones.describe(base_model)
+    spec = get_tower(base_model).spec
     base = meta.get("base", {})
     for key in ("family", "embed_dim", "depth", "patch_size", "num_prefix_tokens"):
         if base.get(key) != getattr(spec, key):
             raise StudentFormatError(f"{folder / STUDENT_CONFIG}: base model mismatch on {key!r} "
                                      f"(export {base.get(key)!r}, given model {getattr(spec, key)!r})")
-    config = StudentConfig.from_json(meta["student"])
+    config = export_config(meta, tensors, folder, spec)  # checked against the weights before anything is built
     student = build_student(base_model, config)
     params = student.exported_named_parameters()
     missing = sorted(set(params) - set(tensors))
@@ -444,11 +519,3 @@ def load_student(path: str | os.PathLike, base_model: nn.Module) -> RegisterStud
                                          f"expected {tuple(p.shape)}")
             p.copy_(t.to(dtype=p.dtype, device=p.device))
     return student.eval()
-
-
-def iter_hooks(module: nn.Module) -> Iterator[tuple[str, str, int]]:
-    """Yield ``(module name, hook kind, hook id)`` for every forward/pre/backward hook under ``module``."""
-    for name, m in module.named_modules():
-        for kind in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
-            for hid in getattr(m, kind, {}):
-                yield name, kind, hid

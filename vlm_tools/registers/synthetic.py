@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import backbones
+from vlm_tools.core.adapters import get_tower
+from vlm_tools.core.hooks import HookHandle
 
 __all__ = ["PlantedArtifacts", "plant_position_outliers"]
 
@@ -38,26 +39,6 @@ class PlantedArtifacts:
     neuron: int
     trigger: torch.Tensor
     write: torch.Tensor
-
-
-def _pos_rows(vit: nn.Module, family: str) -> tuple[torch.Tensor, int]:
-    if family == "timm":
-        offset = 0 if vit.no_embed_class else int(vit.num_prefix_tokens)
-        return vit.pos_embed.data[0], offset
-    if family == "hf_dinov2":
-        return vit.embeddings.position_embeddings.data[0], 1
-    raise TypeError(f"planting supports timm VisionTransformer and Dinov2Model, not {family}")
-
-
-def _mlp_parts(block: nn.Module, family: str) -> tuple[nn.Module, nn.Linear, nn.Linear, torch.Tensor | None]:
-    mlp = block.mlp
-    if not (hasattr(mlp, "fc1") and hasattr(mlp, "fc2")):
-        raise TypeError(f"{type(mlp).__name__} is not a plain fc1/act/fc2 MLP")
-    if family == "timm":
-        ls = getattr(block, "ls2", None)
-        gamma = getattr(ls, "gamma", None)
-        return block.norm2, mlp.fc1, mlp.fc2, None if gamma is None else gamma.data
-    return block.norm2, mlp.fc1, mlp.fc2, block.layer_scale2.lambda1.data
 
 
 def _capture_input(store: dict, module: nn.Module, args: tuple) -> None:
@@ -91,15 +72,20 @@ def plant_position_outliers(vit: nn.Module, calib_pixels: torch.Tensor, cells: S
     Raises:
         ValueError: If the planted cells cannot be separated from the others (raise ``trigger_scale``).
     """
-    spec = backbones.describe(vit)
-    gh, gw = backbones.grid_shape(spec, calib_pixels.shape[-2], calib_pixels.shape[-1])
+    tower = get_tower(vit)
+    spec = tower.spec
+    if spec.family == "hf_clip":
+        raise TypeError("planting supports timm VisionTransformer and Dinov2Model, not hf_clip")
+    gh, gw = tower.grid(calib_pixels.shape[-2], calib_pixels.shape[-1])
     n = gh * gw
     cells = sorted({int(c) for c in cells})
     if not cells or cells[0] < 0 or cells[-1] >= n:
         raise ValueError(f"cells must be non-empty indices in [0, {n})")
-    blocks = backbones.get_blocks(vit)
-    b_idx = backbones.resolve_block(block, len(blocks))
-    norm, fc1, fc2, gamma = _mlp_parts(blocks[b_idx], spec.family)
+    b_idx = tower.resolve_block(block)
+    norm = tower.norm2(b_idx)
+    fc1, _act, fc2 = tower.mlp(b_idx)
+    scale = tower.mlp_scale(b_idx)
+    gamma = None if scale is None else scale.data
     if not 0 <= neuron < fc1.out_features:
         raise ValueError(f"neuron must be in [0, {fc1.out_features})")
     gen = torch.Generator().manual_seed(int(seed))
@@ -109,28 +95,23 @@ def plant_position_outliers(vit: nn.Module, calib_pixels: torch.Tensor, cells: S
         d = d - d.mean()  # survives the LayerNorm mean subtraction
         dirs.append(d / d.norm())
     u, v = dirs
-    rows, offset = _pos_rows(vit, spec.family)
+    rows, offset = tower.position_rows()
     if rows.shape[0] - offset != n:
         raise ValueError(f"calibrate at the native grid ({rows.shape[0] - offset} cells), got {n}")
     start = spec.num_prefix_tokens
     first: dict = {}
-    handle = blocks[0].register_forward_pre_hook(functools.partial(_capture_input, first))
-    try:
-        backbones.forward_tokens(vit, calib_pixels, 0)
-    finally:
-        handle.remove()
+    with HookHandle("registers.plant") as handle:
+        handle.forward_pre_hook(tower.blocks[0], functools.partial(_capture_input, first))
+        tower.tokens(calib_pixels, 0)
     typical = first["in"][:, start: start + n].float().norm(dim=-1).median().to(rows)
     idx = torch.tensor(cells) + offset
     rows[idx] += trigger_scale * typical * u.to(rows)
 
     store: dict = {}
-    handles = [norm.register_forward_hook(functools.partial(_capture, store)),
-               blocks[b_idx].register_forward_hook(functools.partial(_capture, store))]
-    try:
-        backbones.forward_tokens(vit, calib_pixels, b_idx)
-    finally:
-        for h in handles:
-            h.remove()
+    with HookHandle("registers.plant") as handle:
+        handle.forward_hook(norm, functools.partial(_capture, store))
+        handle.forward_hook(tower.blocks[b_idx], functools.partial(_capture, store))
+        tower.tokens(calib_pixels, b_idx)
     ln_out, blk_out = store["out"][0], store["out"][1]
     z = (ln_out[:, start: start + n].float() @ u.to(ln_out.device)).cpu()  # (B, N)
     planted = torch.zeros(n, dtype=torch.bool)

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import backbones
+from vlm_tools.core.adapters import get_tower
+
+from .student import vit_of
 
 __all__ = [
     "TTAResult",
@@ -168,7 +170,7 @@ def make_views(pixel_values: torch.Tensor, plans: Sequence[ViewPlan], patch_size
         pixel_values: ``(B, C, H, W)`` normalised images.
         plans: One plan per image.
         patch_size: Patch side in pixels (shifts are multiples of it).
-        fill: Per-channel fill value in normalised units (white: :meth:`BackboneSpec.white`).
+        fill: Per-channel fill value in normalised units (white: `TowerSpec.white`).
 
     Returns:
         ``(B * V, C, H, W)`` views, image-major (views of image 0 first).
@@ -245,12 +247,6 @@ def tta_features(feature_fn: Callable[[torch.Tensor], torch.Tensor], pixel_value
     return merge_views(feats, plans, h // patch_size, w // patch_size)
 
 
-def _vit_of(model: nn.Module) -> nn.Module:
-    from .student import RegisterStudent
-
-    return model.vit if isinstance(model, RegisterStudent) else model
-
-
 @torch.no_grad()
 def tta_denoise(model: nn.Module, pixel_values: torch.Tensor, n_views: int = 10, shift_frac: float = 0.15,
                 seed: int = 0, block: int | None = None, chunk_size: int | None = None,
@@ -258,7 +254,7 @@ def tta_denoise(model: nn.Module, pixel_values: torch.Tensor, n_views: int = 10,
     """Training-free denoised patch features: the shift/flip average of a frozen ViT (about ``n_views`` x cost).
 
     Args:
-        model: A supported ViT (:func:`.backbones.describe`) or a :class:`.student.RegisterStudent`.
+        model: A supported ViT (`vlm_tools.core.adapters.get_tower`) or a :class:`.student.RegisterStudent`.
         pixel_values: ``(B, 3, H, W)`` images normalised with the model's mean/std; sides multiples of the patch.
         n_views: Views per image (view 0 is the image itself).
         shift_frac: Maximum shift as a fraction of the grid side.
@@ -270,11 +266,11 @@ def tta_denoise(model: nn.Module, pixel_values: torch.Tensor, n_views: int = 10,
     Returns:
         A :class:`TTAResult`.
     """
-    vit = _vit_of(model)
-    spec = backbones.describe(vit)
-    gh, gw = backbones.grid_shape(spec, pixel_values.shape[-2], pixel_values.shape[-1])
+    tower = get_tower(vit_of(model))
+    spec = tower.spec
+    gh, gw = tower.grid(pixel_values.shape[-2], pixel_values.shape[-1])
     if plans is None:
         plans = [sample_plan(gh, gw, n_views, shift_frac, seed + i) for i in range(pixel_values.shape[0])]
-    feats, counts = tta_features(lambda x: backbones.patch_tokens(vit, x, block), pixel_values, plans,
+    feats, counts = tta_features(lambda x: tower.patch_tokens(x, block), pixel_values, plans,
                                  spec.patch_size, spec.white(), chunk_size)
     return TTAResult(features=feats, counts=counts, grid=(gh, gw), plans=list(plans))

@@ -13,16 +13,24 @@ During a wrapped call, and only then:
 * a forward hook on the tower's ``embeddings`` appends the registers at the END of the sequence (CLS and patch
   indices stay put);
 * a forward hook on the tower strips the registers from ``last_hidden_state`` and every ``hidden_states`` entry, then
-  puts the original parameter objects back.
+  puts the original parameter objects back. It is registered with ``always_call=True``: torch runs it also when the
+  tower (or a hook inside it) raises, so the base parameters are back before the exception leaves the tower and
+  ``state_dict()`` / ``save_pretrained()`` of the still-wrapped model never see the student's tensors.
 
-Outside wrapped calls (``WrappedModel.disabled()``, direct calls to the base model) the tower is untouched, and the
-handle's ``remove()`` restores the original parameter objects even after an exception inside the tower.
+Wrapping warns when the export was distilled at another block than the one the LLaVA reads (its
+``vision_feature_layer``; distil with ``--target-block <feature block>``), and refuses exports of PH-Reg's CLIP
+recipe (a value-only last block read after the final norm, which a LLaVA never reads).
+
+Outside wrapped calls (``WrappedModel.disabled()``, direct calls to the base model) the tower is untouched (the
+pre-hook restores the base parameters if anything was left swapped), and the handle's ``remove()`` restores them in
+any case.
 """
 
 from __future__ import annotations
 
 import functools
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,18 +39,18 @@ import torch
 from torch import nn
 
 from vlm_tools._registry import register_method
-from vlm_tools.core.adapters import ModelAdapter
+from vlm_tools.core.adapters import ModelAdapter, get_tower
 from vlm_tools.core.config import MethodConfig
-from vlm_tools.core.hooks import HookHandle
+from vlm_tools.core.hooks import HookHandle, mark
 from vlm_tools.core.method import ContextSlot, Modifier
 
-from . import backbones
 from .student import (
     STUDENT_CONFIG,
     STUDENT_WEIGHTS,
     StudentConfig,
     StudentFormatError,
     build_student,
+    export_config,
     read_student_export,
     save_student,
     strip_registers,
@@ -51,6 +59,7 @@ from .student import (
 __all__ = ["RegistersConfig", "RegistersModifier"]
 
 _ACTIVE = "registers_active"
+_OWNER = "registers_owner"  # the modifier instance that appends tokens in this call
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,10 @@ def _tower_pre_hook(module: nn.Module, args: tuple, slot: ContextSlot, swap: _Pa
     if ctx is None or ctx.plan is None:  # not a wrapped call: the base tower, as is
         swap.restore()
         return
+    if ctx.plan.n_suffix and ctx.state.get(_OWNER) != id(swap):
+        raise RuntimeError(f"registers cannot be stacked with another modifier that appends tokens "
+                           f"({ctx.plan.n_suffix} appended already)")
+    ctx.state[_OWNER] = id(swap)
     swap.apply()
     ctx.plan.n_suffix = num_registers
     ctx.state[_ACTIVE] = True
@@ -145,11 +158,24 @@ class RegistersModifier(Modifier):
         return self._export
 
     def check(self, adapter: ModelAdapter) -> None:
+        """Raise `StudentFormatError` if the export does not fit the tower; warn if it was distilled at another block
+        than the one the LLaVA reads (its features there were not trained)."""
+        config = self._validate(adapter)
+        distilled = None if config.target_block is None else get_tower(adapter.vision_tower).resolve_block(
+            config.target_block)
+        if distilled != adapter.feature_block:
+            where = "the final normalised output" if distilled is None else f"block {distilled}"
+            warnings.warn(f"registers: {self.config.student} was distilled at {where}, but this model reads vision "
+                          f"block {adapter.feature_block} (vision_feature_layer={adapter.feature_layer}); the "
+                          f"student was not trained for that block. Distil with --target-block "
+                          f"{adapter.feature_block} for this model.", UserWarning, stacklevel=3)
+
+    def _validate(self, adapter: ModelAdapter) -> StudentConfig:
         meta, tensors = self._load()
         folder = Path(self.config.student)
         tower = adapter.vision_tower
         fam = _TOWER_FAMILY.get(adapter.tower_type)
-        spec = backbones.describe(tower)
+        spec = get_tower(tower).spec
         if meta.get("mode") != "hook" or meta.get("base", {}).get("family") != fam:
             raise StudentFormatError(f"{folder / STUDENT_CONFIG}: a {meta.get('base', {}).get('family')} "
                                      f"({meta.get('mode')}) student does not fit this {adapter.tower_type} tower")
@@ -158,10 +184,13 @@ class RegistersModifier(Modifier):
             if base.get(key) != getattr(spec, key):
                 raise StudentFormatError(f"{folder / STUDENT_CONFIG}: {key}={base.get(key)} but the tower has "
                                          f"{getattr(spec, key)}")
+        config = export_config(meta, tensors, folder, spec)  # register count and declared shapes vs the weights
+        if config.recipe != "plain":
+            raise StudentFormatError(
+                f"{folder / STUDENT_CONFIG}: distilled with PH-Reg's {config.recipe.upper()} recipe (dense features "
+                "read through a value-only last block and the final norm), which a LLaVA never reads; distil with "
+                f"--recipe plain --target-block {adapter.feature_block} for use inside this model")
         params = dict(tower.named_parameters())
-        regs = tensors.get("registers")
-        if regs is None or regs.ndim != 3 or regs.shape[0] != 1 or regs.shape[2] != spec.embed_dim:
-            raise StudentFormatError(f"{folder / STUDENT_WEIGHTS}: missing or malformed 'registers'")
         for name, t in tensors.items():
             if name == "registers":
                 continue
@@ -170,9 +199,10 @@ class RegistersModifier(Modifier):
             if tuple(params[name].shape) != tuple(t.shape):
                 raise StudentFormatError(f"{folder / STUDENT_WEIGHTS}: {name} has shape {tuple(t.shape)}, the "
                                          f"tower's is {tuple(params[name].shape)}")
+        return config
 
     def attach(self, model: nn.Module, adapter: ModelAdapter, slot: ContextSlot) -> HookHandle:
-        self.check(adapter)
+        self._validate(adapter)
         _, tensors = self._load()
         tower = adapter.vision_tower
         ref = next(tower.parameters())
@@ -193,7 +223,9 @@ class RegistersModifier(Modifier):
             handle.add(functools.partial(_restore, swap))  # undone last: the original parameters are back
             handle.forward_pre_hook(tower, functools.partial(_tower_pre_hook, slot=slot, swap=swap, num_registers=n))
             handle.forward_hook(tower.embeddings, functools.partial(_embeddings_hook, slot=slot, registers=registers))
-            handle.forward_hook(tower, functools.partial(_tower_hook, slot=slot, swap=swap, num_registers=n))
+            # always_call: also runs when the tower raises, so the swap is undone inside the call that made it
+            handle.add(tower.register_forward_hook(
+                mark(functools.partial(_tower_hook, slot=slot, swap=swap, num_registers=n)), always_call=True))
         except BaseException:
             handle.remove()
             raise
@@ -201,15 +233,17 @@ class RegistersModifier(Modifier):
 
     @classmethod
     def example_config(cls, model: nn.Module, workdir: str | None = None) -> dict[str, Any]:
-        """Export an (untrained) 4-register student of ``model``'s vision tower to ``workdir`` and point at it.
+        """Export an (untrained) 4-register student of ``model``'s vision tower, distilled at its feature block, to
+        ``workdir`` and point at it.
 
         Without ``workdir`` a new temporary folder is used.
         """
         from vlm_tools.core.adapters import get_adapter
 
-        tower = get_adapter(model).vision_tower
+        adapter = get_adapter(model)
+        tower = adapter.vision_tower
         out = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="vlm_tools_registers_"))
-        student = build_student(tower, StudentConfig(num_registers=4))
+        student = build_student(tower, StudentConfig(num_registers=4, target_block=adapter.feature_block))
         try:
             save_student(student, out / "student")
         finally:

@@ -22,7 +22,6 @@ own last token, as FastV without a cache does. Only `DynamicCache` is supported 
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 from torch import nn
@@ -52,19 +51,19 @@ def _budget(n_valid: int, keep: int | None, ratio: float | None) -> int:
     return max(1, round(n_valid * (1.0 - ratio)))
 
 
-def _score_hook(module, args, kwargs, slot: ContextSlot, config: FastVConfig, drop: LmDrop, adapter_ref) -> None:
+def _score_hook(module, args, kwargs, slot: ContextSlot, config: FastVConfig, drop: LmDrop,
+                adapter: ModelAdapter) -> None:
     """Inside layer K-1's attention (prefill): rank each image's tokens by the last token's attention."""
     ctx = slot.ctx
     if not LmDrop.scoring(ctx):
         return
     hidden, pos_emb, mask = layer_inputs(args, kwargs)
     b, length, _ = hidden.shape
-    spans = ctx.lm_spans
+    spans = ctx.lm_call.spans
     if not any(spans):
         drop.decide(ctx, None, None, hidden.device)
         return
-    adapter = adapter_ref()
-    rows = ctx.lm_call.last_positions(b, hidden.device)
+    rows = ctx.lm_call.query_positions(b, hidden.device)
     q = rotated_queries(module, hidden, pos_emb, rows)
     keys = rotated_keys(module, hidden, pos_emb)
     vis = visible_keys(mask, rows, length, length)
@@ -83,7 +82,7 @@ def _score_hook(module, args, kwargs, slot: ContextSlot, config: FastVConfig, dr
             scores = probs[s, start:start + n][patch_pos]
             order = torch.sort(scores, descending=True, stable=True).indices
             keep_local, drop_local = patch_pos[order[:k]], patch_pos[order[k:]]
-            kept[(s, img)] = layout[keep_local].sort().values
+            kept[(ctx.lm_call.sample_of(s), img)] = layout[keep_local].sort().values
             drop_s.append(drop_local + start)
             n_after += n - drop_local.numel()
         drops.append(torch.cat(drop_s) if drop_s else torch.zeros(0, dtype=torch.long))
@@ -116,7 +115,7 @@ class FastV(Pruner):
             drop.attach(handle, adapter, slot)
             handle.forward_pre_hook(adapter.lm_layers[self.config.layer - 1].self_attn,
                                     functools.partial(_score_hook, slot=slot, config=self.config, drop=drop,
-                                                      adapter_ref=weakref.ref(adapter)),
+                                                      adapter=adapter),
                                     with_kwargs=True)
 
         return attach_guarded(self.name, register)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
 
 import torch
 from torch import nn
@@ -96,33 +95,32 @@ def _will_prune(ctx: CallContext, adapter: ModelAdapter) -> bool:
     return any(int((ctx.token_layout(adapter, i) >= 0).sum()) > t for i, t in enumerate(targets))
 
 
-def _labels_hook(module, args, kwargs, slot: ContextSlot, adapter_ref) -> None:
+def _labels_hook(module, args, kwargs, slot: ContextSlot, adapter: ModelAdapter) -> None:
     ctx = slot.ctx
     if ctx is None or kwargs.get("labels") is None or ctx.plan is None:
         return
-    if _will_prune(ctx, adapter_ref()):
+    if _will_prune(ctx, adapter):
         raise ValueError("flowcut's LLaVA-NeXT LLM stage shortens the sequence inside the language model, so "
                          "per-token labels (a loss) cannot be computed; wrap with llm_layer=None to prune in the "
                          "vision tower only")
 
 
-def _score_hook(module, args, kwargs, slot: ContextSlot, drop: LmDrop, adapter_ref) -> None:
+def _score_hook(module, args, kwargs, slot: ContextSlot, drop: LmDrop, adapter: ModelAdapter) -> None:
     """Pre-hook on the pruning layer's attention (prefill only): text-query scores, tokens to remove per row."""
     ctx = slot.ctx
     if not LmDrop.scoring(ctx):
         return
-    adapter = adapter_ref()
     hidden = input_hidden_states(args, kwargs)
     cos, sin = kwargs["position_embeddings"]
     rows = hidden.shape[0]
-    queries = ctx.lm_call.last_positions(rows, hidden.device).tolist()
+    queries = ctx.lm_call.query_positions(rows, hidden.device).tolist()
     targets = image_targets(ctx)
     scores = ctx.state.setdefault(LLM_KEY, {})
     scores.clear()
     removed: list[list[int]] = [[] for _ in range(rows)]
     ctx.llm_kept = ctx.llm_kept or {}
     for b in range(rows):
-        for start, span, image in ctx.lm_spans[b]:
+        for start, span, image in ctx.lm_call.spans[b]:
             layout = ctx.token_layout(adapter, image).to(hidden.device)
             if layout.numel() != span:
                 raise RuntimeError(f"flowcut: image {image} has {span} LLM tokens but its packed layout "
@@ -137,8 +135,8 @@ def _score_hook(module, args, kwargs, slot: ContextSlot, drop: LmDrop, adapter_r
             keep[torch.topk(score, targets[image], sorted=False).indices] = True
             removed[b] += positions[~keep].tolist()
             scores[(b, image)] = score
-            ctx.llm_kept[(b, image)] = layout[is_patch][keep].sort().values.cpu()
-    after = [sum(span for _, span, _ in ctx.lm_spans[b]) - len(removed[b]) for b in range(rows)]
+            ctx.llm_kept[(ctx.lm_call.sample_of(b), image)] = layout[is_patch][keep].sort().values.cpu()
+    after = [sum(span for _, span, _ in ctx.lm_call.spans[b]) - len(removed[b]) for b in range(rows)]
     drops = [torch.tensor(r, dtype=torch.long) for r in removed]
     drop.decide(ctx, drops, after, hidden.device)
 
@@ -146,9 +144,8 @@ def _score_hook(module, args, kwargs, slot: ContextSlot, drop: LmDrop, adapter_r
 def attach(handle: HookHandle, model: nn.Module, adapter: ModelAdapter, slot: ContextSlot, llm_layer: int) -> None:
     """Register the LLM-stage hooks on `handle` (the caller removes them if anything fails)."""
     drop = drop_of(llm_layer)
-    ref = weakref.ref(adapter)
-    handle.forward_pre_hook(model, functools.partial(_labels_hook, slot=slot, adapter_ref=ref), with_kwargs=True)
+    handle.forward_pre_hook(model, functools.partial(_labels_hook, slot=slot, adapter=adapter), with_kwargs=True)
     drop.attach(handle, adapter, slot)
     handle.forward_pre_hook(adapter.lm_layers[llm_layer].self_attn,
-                            functools.partial(_score_hook, slot=slot, drop=drop, adapter_ref=ref), with_kwargs=True)
+                            functools.partial(_score_hook, slot=slot, drop=drop, adapter=adapter), with_kwargs=True)
 

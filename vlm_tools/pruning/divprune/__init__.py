@@ -1,0 +1,1 @@
+"""DivPrune: diversity-based visual-token pruning (greedy max-min distance)."""
