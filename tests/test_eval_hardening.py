@@ -174,7 +174,7 @@ def test_unwritable_out_fails_before_anything_runs(tmp_path, capsys, monkeypatch
     rc = cli.main(["eval", "--model", "/m", "--methods", "cls_topk", "--keep", "8", "--tasks", "t", "--out", str(out)])
     err = capsys.readouterr().err
     # checked first: task 't' does not exist, and that error would come next
-    assert rc == 2 and err.startswith("vlm-tools eval: error: cannot write the output folder --out")
+    assert rc == 2 and err.startswith("vlm-tools eval: error: cannot write to the output folder")
     assert err.count("\n") == 1 and "Traceback" not in err
 
 

@@ -96,11 +96,11 @@ def spec_from_args(args: argparse.Namespace):
 
 
 class EvalOutputError(RuntimeError):
-    """`--out` cannot be written, or lmms-eval's results of a run were not written completely (the message names the
-    path and the cause)."""
+    """lmms-eval's results of a run were not written completely (the message names the file and the cause)."""
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from vlm_tools.errors import OutputDirError
     from vlm_tools.integrations.local_tasks import TaskDataError
 
     if args.print_tasks_path:
@@ -117,7 +117,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         spec.validate(require_model=not args.cache_data)
         _quiet_lmms_eval(spec.verbosity)
         run_grid(spec, force=args.force, cache_data=args.cache_data)
-    except (ValueError, TaskDataError, EvalOutputError) as exc:
+    except (ValueError, TaskDataError, EvalOutputError, OutputDirError) as exc:
         print(f"vlm-tools eval: error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -168,20 +168,16 @@ def _check_tasks_known(task_manager: Any, tasks: list[str]) -> None:
 
 
 def check_output_dir(out: Path) -> None:
-    """Create `out/runs` and `out/cells` and write a probe file, before any model loads or task is evaluated.
+    """Create `out/runs` and `out/cells` and check that they can be written, before any model loads or task is
+    evaluated (`vlm_tools.core.io.ensure_writable_dir`).
 
     Raises:
-        EvalOutputError: the folder cannot be created or written (one line: the path and the OS error).
+        OutputDirError: a folder cannot be created or written (one line: the path and the OS error).
     """
-    from vlm_tools.core.io import write_text_atomic
+    from vlm_tools.core.io import ensure_writable_dir
 
-    try:
-        for sub in (out / "runs", out / "cells"):
-            sub.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "runs" / ".vlm_tools_write_test", "ok\n").unlink()
-    except OSError as exc:
-        where = exc.filename or out
-        raise EvalOutputError(f"cannot write the output folder --out {out}: {exc.strerror or exc} ({where})") from None
+    for sub in (out / "runs", out / "cells"):
+        ensure_writable_dir(sub)
 
 
 def cell_path(out: Path, run_id: str, task: str) -> Path:
@@ -263,9 +259,8 @@ def run_grid(spec, *, force: bool = False, cache_data: bool = False, task_manage
 
     Raises:
         ValueError: bad settings or unknown tasks; `TaskDataError`: task data that is neither cached nor
-            downloadable; `EvalOutputError`: `--out` cannot be written; all before any model loads.
-            `EvalOutputError` also when lmms-eval did not write a run's results completely (its cells stay
-            unfinished).
+            downloadable; `OutputDirError`: `--out` cannot be written; all before any model loads.
+            `EvalOutputError`: lmms-eval did not write a run's results completely (its cells stay unfinished).
     """
     from vlm_tools.integrations.grid import build_table, spec_to_dict, write_table
     from vlm_tools.integrations.local_tasks import check_task_data

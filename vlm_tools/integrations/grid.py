@@ -633,10 +633,10 @@ def _series(rows: list[dict[str, Any]], x_key: str) -> dict[str, dict[str, list[
 def plot_comparison(rows: list[dict[str, Any]], x_key: str, x_label: str, title: str) -> bytes | None:
     """PNG bytes of score vs `x_key` (one panel per task, one line per method), or None when nothing to plot.
 
-    User text (method labels, task names, the title) is drawn as plain text: mathtext is off (`$` stays `$`).
+    User text (method labels, task names, metrics, the title) goes through `vlm_tools.core.io.plain_text`: a `$`
+    is drawn as a dollar sign, never parsed as mathtext.
     """
-    import matplotlib
-
+    plain = atomic.plain_text
     series = _series(rows, x_key)
     if not series:
         return None
@@ -644,30 +644,29 @@ def plot_comparison(rows: list[dict[str, Any]], x_key: str, x_label: str, title:
     n = len(series)
     cols = min(n, 3)
     nrows = (n + cols - 1) // cols
-    with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
-        fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.9 * nrows), squeeze=False)
-        for ax, (task, methods) in zip(axes.flat, series.items()):
-            metric = next((r["metric"] for r in rows if r["task"] == task and r.get("metric")), "score")
-            for label, pts in methods.items():
-                xs, ys, budgets = zip(*pts)
-                if label == BASELINE:
-                    ax.axhline(ys[0], color="0.4", linestyle="--", linewidth=1)
-                    ax.plot(xs, ys, marker="*", markersize=12, linestyle="none", color="0.2", label=label)
-                    continue
-                (line,) = ax.plot(xs, ys, marker="o", label=label)
-                for x, y, budget in pts:
-                    ax.annotate(budget, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                                color=line.get_color())
-            ax.set_title(task)
-            ax.set_xlabel(x_label)
-            ax.set_ylabel(str(metric))
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        for ax in list(axes.flat)[n:]:
-            ax.set_visible(False)
-        fig.suptitle(title)
-        fig.tight_layout()
-        return atomic.figure_png(fig)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.9 * nrows), squeeze=False)
+    for ax, (task, methods) in zip(axes.flat, series.items()):
+        metric = next((r["metric"] for r in rows if r["task"] == task and r.get("metric")), "score")
+        for label, pts in methods.items():
+            xs, ys, budgets = zip(*pts)
+            if label == BASELINE:
+                ax.axhline(ys[0], color="0.4", linestyle="--", linewidth=1)
+                ax.plot(xs, ys, marker="*", markersize=12, linestyle="none", color="0.2", label=plain(label))
+                continue
+            (line,) = ax.plot(xs, ys, marker="o", label=plain(label))
+            for x, y, budget in pts:
+                ax.annotate(plain(budget), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            color=line.get_color())
+        ax.set_title(plain(task))
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(plain(str(metric)))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    fig.suptitle(plain(title))
+    fig.tight_layout()
+    return atomic.figure_png(fig)
 
 
 #: (file name, x column, x axis label) of the comparison plots
