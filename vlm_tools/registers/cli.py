@@ -1,5 +1,5 @@
-"""``vlm-tools registers`` commands: ``distill`` (the PH-Reg job), ``report`` (artifact metrics) and ``find-neurons``
-(test-time registers).
+"""``vlm-tools registers`` commands: ``distill`` (the PH-Reg job), ``report`` (artifact metrics), ``find-neurons``
+(test-time registers) and ``probe`` (dense linear probe).
 
 ``register_cli(subparsers)`` adds the ``registers`` command group to the main CLI; ``main(argv)`` runs it stand-alone
 (``python -m vlm_tools.registers.cli distill ...``). Every command checks its ``--out`` folder before loading
@@ -140,6 +140,26 @@ def _add_find_neurons(sub) -> None:
     p.set_defaults(registers_func=_run_find_neurons)
 
 
+def _add_probe(sub) -> None:
+    p = sub.add_parser("probe", help="linear probe of dense features on shape masks (teacher / student / test-time "
+                                     "registers)", formatter_class=_Formatter,
+                       description="Train per-patch linear classifiers (foreground vs background, and the shape "
+                                   "class) on frozen patch features of easy-vqa training images and report mIoU on "
+                                   "held-out shapes_vqa images, with the norm-outlier rate and attention-sink score "
+                                   "of each model; writes probe.json.")
+    _add_backbone_args(p)
+    p.add_argument("--student", help="exported student folder (from `registers distill`) to probe next to the base")
+    p.add_argument("--neurons", help="register-neuron JSON (from `registers find-neurons`): probe test-time registers")
+    p.add_argument("--num-registers", type=int, default=1, help="test-time registers appended with --neurons")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--train-images", type=int, default=300, help="easy-vqa training images the probe is fitted on")
+    p.add_argument("--test-images", type=int, default=150, help="held-out shapes_vqa images")
+    p.add_argument("--artifact-block", type=int, default=-1, help="block of the norm-outlier measure")
+    p.add_argument("--outlier-k", type=float, default=3.0, help="outlier rule: norm > k x median")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward")
+    p.set_defaults(registers_func=_run_probe)
+
+
 def register_cli(subparsers) -> argparse.ArgumentParser:
     """Add the ``registers`` command group (``distill``, ``report``, ``find-neurons``) to an argparse subparsers
     object.
@@ -151,11 +171,12 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
         The ``registers`` parser.
     """
     p = subparsers.add_parser("registers", help="post-hoc registers for ViTs: distillation and artifact metrics")
-    sub = p.add_subparsers(dest="registers_command", metavar="{distill,report,find-neurons}")
+    sub = p.add_subparsers(dest="registers_command", metavar="{distill,report,find-neurons,probe}")
     sub.required = True
     _add_distill(sub)
     _add_report(sub)
     _add_find_neurons(sub)
+    _add_probe(sub)
     p.set_defaults(func=_dispatch)
     return p
 
@@ -258,6 +279,34 @@ def _run_find_neurons(args: argparse.Namespace) -> int:
     found.save(out)
     print(json.dumps({"layers": found.to_json()["layers"], "settings": found.settings}, indent=2))
     print(f"wrote {out}")
+    return 0
+
+
+def _run_probe(args: argparse.Namespace) -> int:
+    from vlm_tools.core.io import write_json_atomic
+
+    from .backbones import load_backbone
+    from .probe import run_probe
+    from .student import load_student, read_student_export
+    from .test_time import RegisterNeurons
+
+    out = _check_out(args.out)
+    if args.student:
+        read_student_export(args.student)
+    if args.neurons:
+        RegisterNeurons.load(args.neurons)
+    base = load_backbone(args.backbone, args.weights, args.model_kwargs, args.image_size)
+    student = load_student(args.student, base) if args.student else None
+    neurons = RegisterNeurons.load(args.neurons) if args.neurons else None
+    result = run_probe(base, student=student, neurons=neurons, num_registers=args.num_registers,
+                       image_size=args.image_size, n_train=args.train_images, n_test=args.test_images,
+                       artifact_block=args.artifact_block, outlier_k=args.outlier_k, batch_size=args.batch_size)
+    result["settings"]["backbone"] = args.backbone
+    write_json_atomic(out / "probe.json", result, indent=2)
+    for name, r in result["models"].items():
+        print(f"{name}: fg/bg mIoU {r['fg_bg']['miou']:.3f}, shape mIoU {r['shape']['miou']:.3f}, outlier rate "
+              f"{r['outlier_rate']:.4f}, sink {r['sink_score']:.3f}")
+    print(f"wrote {out / 'probe.json'}")
     return 0
 
 
