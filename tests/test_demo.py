@@ -7,8 +7,8 @@ import json
 import torch
 from PIL import Image
 
-from vlm_tools.demo import pruning_methods, run_demo
-from vlm_tools.demo_default import kept_mask_image
+from vlm_tools.demo.report import kept_mask_image
+from vlm_tools.demo.runner import pruning_methods, run_demo
 
 
 def test_tiny_demo_writes_a_row_per_method_and_budget(tmp_path):

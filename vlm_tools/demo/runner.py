@@ -1,30 +1,57 @@
-"""The main demo job on the embedded default model (DINOv2-S + trained projector + SmolLM2-135M).
+"""The demo runs: every registered pruning method at three budgets on the default model or a tiny random LLaVA.
 
-Answers the ShapesVQA quick subset unpruned (`none`) and with every registered pruning method at three budgets,
-then writes `out/demo/`: `results.{md,csv,json}` (accuracy, retention vs unpruned, visual tokens, prefill ms) and
-`report.html` (one self-contained file: the table and the kept-token masks of each method on real photos).
+With the default model: answers the ShapesVQA quick subset unpruned (`none`) and with every method and budget, and
+computes the kept-token masks on real photos. With the tiny model: a random LLaVA built offline in a second, to
+check the pipeline end to end. Both write their outputs through :mod:`vlm_tools.demo.report`.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import time
 from pathlib import Path
 
 import torch
 
-from vlm_tools.core.io import write_text_atomic
-from vlm_tools.demo import DemoRow, _write_rows, format_table, pruning_methods
+from vlm_tools.demo.report import DemoRow, write_html, write_results
 
-__all__ = ["run_default_demo", "kept_mask_image"]
+__all__ = ["pruning_methods", "run_tiny_demo", "run_default_demo", "run_demo", "DEFAULT_BUDGETS", "DEMO_OVERRIDES"]
 
 DEFAULT_BUDGETS = (32, 16, 8)
 # Config the demo adds to a method to stay within its time budget on a 2-core CPU. zoo_prune's zeroth-order
 # estimator pushes 2 x 64 x 64 rows per image through the projector, more than the whole LM prefill of this small
 # model; its closed-form Jacobian estimator ranks tokens the same way (Spearman 0.98-0.99, benchmarks/RESULTS.md).
 DEMO_OVERRIDES = {"zoo_prune": {"estimator": "jacobian"}}
+
+
+def pruning_methods() -> list[str]:
+    """Registered token-selecting methods (modifiers and the `none` reference excluded)."""
+    from vlm_tools._registry import list_methods
+
+    return [m.name for m in list_methods() if m.kind != "modifier" and m.name != "none"]
+
+
+def run_tiny_demo(budgets: tuple[int, ...] = (32, 16, 8), max_new_tokens: int = 4) -> list[DemoRow]:
+    """Build a tiny random LLaVA offline, wrap it with each method at three budgets, generate, and time prefill."""
+    import vlm_tools
+    from vlm_tools.testing import TinyCase
+
+    case = TinyCase("llava", "clip")
+    inputs = case.singles[0]
+    rows = []
+    configs = [("none", {}, "all")]
+    for m in pruning_methods():
+        base = vlm_tools.get_method(m).cls.example_config(case.model)  # fits the tiny model (e.g. fastv's layer)
+        base.pop("ratio", None)
+        configs += [(m, {**base, "keep": k}, f"keep={k}") for k in budgets]
+    for name, cfg, label in configs:
+        with vlm_tools.attached(case.model, name, **cfg) as wrapped, torch.no_grad():
+            wrapped.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)  # warm-up
+            out = wrapped.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            trace = wrapped.last_trace
+        text = case.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+        rows.append(DemoRow(method=name, budget=label, visual_tokens=float(trace.tokens_after[0]),
+                            prefill_ms=trace.prefill_ms, answer=text.strip()))
+    return rows
 
 
 def _answer(wrapped, processor, items, batch_size, bar) -> tuple[list[str], list[float], list[float]]:
@@ -48,38 +75,12 @@ def _answer(wrapped, processor, items, batch_size, bar) -> tuple[list[str], list
     return answers, tokens, prefill
 
 
-def kept_mask_image(image, kept: torch.Tensor, grid: tuple[int, int], size: int = 224):
-    """A PIL overlay: the model's view of `image` with pruned patches darkened and a patch grid drawn."""
-    from PIL import Image, ImageDraw
-
-    img = image.convert("RGB").resize((size, size), Image.BICUBIC)
-    gh, gw = grid
-    keep = torch.zeros(gh * gw, dtype=torch.bool)
-    keep[kept.long()] = True
-    shade = Image.new("RGBA", (size, size), (0, 0, 0, 0))
-    draw = ImageDraw.Draw(shade)
-    ch, cw = size / gh, size / gw
-    for i in range(gh * gw):
-        r, c = divmod(i, gw)
-        box = (round(c * cw), round(r * ch), round((c + 1) * cw) - 1, round((r + 1) * ch) - 1)
-        if keep[i]:
-            draw.rectangle(box, outline=(255, 220, 0, 160))
-        else:
-            draw.rectangle(box, fill=(0, 0, 0, 200))
-    return Image.alpha_composite(img.convert("RGBA"), shade).convert("RGB")
-
-
-def _png_b64(img) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def _mask_gallery(model, processor, photos: list[dict], methods: list[str], keep: int):
-    """Per photo: (title, [(method, PNG base64, visual tokens)]) with the kept-token masks at budget `keep`; and the
+    """Per photo: (title, [(method, PIL overlay, visual tokens)]) with the kept-token masks at budget `keep`; and the
     patch grid of the model's view."""
     import vlm_tools
     from vlm_tools.assets.default_model import format_prompt
+    from vlm_tools.demo.report import kept_mask_image
 
     out, grid = [], None
     for ph in photos:
@@ -90,33 +91,9 @@ def _mask_gallery(model, processor, photos: list[dict], methods: list[str], keep
             with vlm_tools.attached(model, name, **cfg) as wrapped, torch.inference_mode():
                 wrapped(**batch)
             kept, grid = wrapped.last_trace.kept[0][0], wrapped.last_trace.grid
-            cells.append((name, _png_b64(kept_mask_image(ph["image"], kept, grid)), int(kept.numel())))
+            cells.append((name, kept_mask_image(ph["image"], kept, grid), int(kept.numel())))
         out.append((f"{ph['photo']} ({ph['source']}): {ph['question']}", cells))
     return out, grid
-
-
-def _write_html(path: Path, rows: list[DemoRow], gallery, meta: dict) -> None:
-    esc = html.escape
-    head = ["method", "budget", "accuracy", "retention", "visual tokens", "prefill ms / batch"]
-    body = "".join(
-        "<tr>" + "".join(f"<td>{esc(str(v))}</td>" for v in (
-            r.method, r.budget, f"{r.accuracy:.3f}", f"{r.retention:.3f}", f"{r.visual_tokens:g}",
-            f"{r.prefill_ms:.1f}")) + "</tr>" for r in rows)
-    figs = []
-    for title, cells in gallery:
-        imgs = "".join(f'<figure><img src="data:image/png;base64,{b64}" alt="{esc(name)}">'
-                       f"<figcaption>{esc(name)} ({n} tokens)</figcaption></figure>" for name, b64, n in cells)
-        figs.append(f"<h3>{esc(title)}</h3><div class='row'>{imgs}</div>")
-    meta_html = "".join(f"<li><b>{esc(str(k))}</b>: {esc(str(v))}</li>" for k, v in meta.items())
-    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>vlm_tools demo</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child,td:nth-child(2){{text-align:left}}
-.row{{display:flex;flex-wrap:wrap;gap:8px}}figure{{margin:0}}figcaption{{font-size:12px;text-align:center}}</style>
-</head><body><h1>vlm_tools demo: pruning on the default model</h1><ul>{meta_html}</ul>
-<h2>ShapesVQA quick subset</h2><table><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr>{body}</table>
-<h2>Kept visual tokens on real photos</h2><p>Dark cells were pruned; the grid is the model's {esc(str(meta.get("grid")))}
-patch grid.</p>{"".join(figs)}</body></html>"""
-    write_text_atomic(path, doc)
 
 
 def run_default_demo(out_dir: str = "out/demo", limit: int | None = None, batch_size: int = 32,
@@ -176,10 +153,16 @@ def run_default_demo(out_dir: str = "out/demo", limit: int | None = None, batch_
             "budgets (tokens kept of 64)": ", ".join(map(str, budgets)), "threads": torch.get_num_threads(),
             "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(out_dir)
-    _write_rows(rows, out, meta)
-    _write_html(out / "report.html", rows, gallery, meta)
+    write_results(rows, out, meta)
+    write_html(out / "report.html", rows, gallery, meta)
     return rows
 
 
-if __name__ == "__main__":
-    print(format_table(run_default_demo()))
+def run_demo(model: str = "default", out_dir: str = "out/demo", **kw) -> list[DemoRow]:
+    """Run the demo on `model` ("default" or "tiny"); returns the table rows and writes them under `out_dir`."""
+    t0 = time.perf_counter()
+    if model == "tiny":
+        rows = run_tiny_demo()
+        write_results(rows, Path(out_dir), {"model": "tiny", "seconds": time.perf_counter() - t0})
+        return rows
+    return run_default_demo(out_dir=out_dir, **kw)
