@@ -29,9 +29,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
-import os
+import pickle
 import random
 import sys
 import time
@@ -44,7 +45,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vlm_tools.assets import convert, default_model, vqa_eval
+from vlm_tools.assets import convert, default_model, vqa_eval  # noqa: E402 (after the sys.path line)
+from vlm_tools.core.io import write_bytes_atomic  # noqa: E402
 
 LOG = logging.getLogger("train_default_model")
 EVAL_IDS = REPO / "eval_configs" / "data" / "shapes_vqa" / "eval1000_ids.json"
@@ -108,7 +110,7 @@ def image_features(split: str, paths: dict[int, str], processor: Any, work: Path
         ``[max_id + 1, 64, 384]`` fp16 tensor indexed by image id.
     """
     from PIL import Image
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
     from transformers import Dinov2Model
 
     cache = work / f"features_{split}_{default_model.IMAGE_SIZE}px.safetensors"
@@ -128,9 +130,7 @@ def image_features(split: str, paths: dict[int, str], processor: Any, work: Path
             out = tower(pixels, output_hidden_states=True)
         feats[chunk] = out.hidden_states[-2][:, 1:].to(torch.float16)
     LOG.info("features %s: %d images in %.1f s", split, len(ids), time.perf_counter() - start)
-    tmp = cache.with_suffix(".tmp")
-    save_file({"features": feats}, str(tmp))
-    os.replace(tmp, cache)
+    write_bytes_atomic(cache, save({"features": feats}))
     return feats
 
 
@@ -390,7 +390,7 @@ def train(args: argparse.Namespace, processor: Any, work: Path) -> None:
 
     ckpt_path = work / "checkpoint.pt"
     step = 0
-    state = torch.load(ckpt_path, weights_only=False) if ckpt_path.is_file() and not args.bench else None
+    state = load_checkpoint(ckpt_path) if ckpt_path.is_file() and not args.bench else None
     if state is not None and state["args"] != ckpt_args(args):
         raise SystemExit(f"{ckpt_path} was written with other arguments ({state['args']}); remove it to start over")
 
@@ -432,9 +432,7 @@ def train(args: argparse.Namespace, processor: Any, work: Path) -> None:
             "py_rng": random.getstate(),
             "torch_rng": torch.get_rng_state(),
         }
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save(ck, tmp)
-        os.replace(tmp, ckpt_path)
+        save_checkpoint(ckpt_path, ck)
 
     t_start, t_log, seen_log, loss_acc = time.perf_counter(), time.perf_counter(), 0, 0.0
     questions_seen = sum(len(per_image[i]) for i in image_order[: step * args.images_per_step])
@@ -491,6 +489,26 @@ def train(args: argparse.Namespace, processor: Any, work: Path) -> None:
     export_weights(args, projector.state_dict(), model.named_parameters())
 
 
+def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
+    """Write a training checkpoint atomically (tensors, optimizer state, RNG states: ``weights_only``-loadable)."""
+    buf = io.BytesIO()
+    torch.save(checkpoint, buf)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` with ``torch.load(weights_only=True)``.
+
+    Raises:
+        SystemExit: the file holds anything but tensors and plain Python values (nothing of it is run).
+    """
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise SystemExit(f"{path}: not a checkpoint written by this script; torch.load(weights_only=True) refused "
+                         f"it ({str(err).splitlines()[0]})") from None
+
+
 def ckpt_args(args: argparse.Namespace) -> dict[str, Any]:
     keep = ("seed", "images_per_step", "stage1_steps", "lr1", "lr2_lora", "lr2_proj", "warmup", "lora_r",
             "lora_alpha", "attn")
@@ -499,18 +517,15 @@ def ckpt_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def export_weights(args: argparse.Namespace, projector_state: dict[str, torch.Tensor], lora_named: Any) -> None:
     """Write ``projector.safetensors`` and (when LoRA was trained) ``lora.safetensors`` + ``lora_config.json``."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = args.out_dir
-    out.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "source": "scripts/train_default_model.py"}
     state = {k: v.detach().float().contiguous() for k, v in projector_state.items()}
-    save_file(state, str(out / ".projector.tmp"), metadata=meta)
-    os.replace(out / ".projector.tmp", out / default_model.PROJECTOR_FILE)
+    write_bytes_atomic(out / default_model.PROJECTOR_FILE, save(state, metadata=meta))
     lora = lora_state(lora_named)
     if lora:
-        save_file(lora, str(out / ".lora.tmp"), metadata=meta)
-        os.replace(out / ".lora.tmp", out / default_model.LORA_FILE)
+        write_bytes_atomic(out / default_model.LORA_FILE, save(lora, metadata=meta))
         convert.write_json_atomic(
             out / default_model.LORA_CONFIG_FILE,
             {"r": args.lora_r, "lora_alpha": args.lora_alpha, "target_modules": ["q_proj", "v_proj"],
@@ -576,13 +591,13 @@ def main(argv: list[str] | None = None) -> None:
     LOG.info("args: %s", vars(args))
     LOG.info("torch %s, threads %d, cache %s", torch.__version__, torch.get_num_threads(), convert.cache_home())
     t0 = time.perf_counter()
-    folders = convert.ensure_converted()
-    processor = default_model.build_processor(folders["smollm2"])
     if args.export_checkpoint:
-        state = torch.load(work / "checkpoint.pt", weights_only=False)
+        state = load_checkpoint(work / "checkpoint.pt")
         export_weights(args, state["projector"], state["lora"].items())
         LOG.info("exported checkpoint of step %d", state["step"])
         return
+    folders = convert.ensure_converted()
+    processor = default_model.build_processor(folders["smollm2"])
     if not args.eval_only:
         train(args, processor, work)
         if args.bench:

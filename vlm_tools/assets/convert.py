@@ -398,13 +398,14 @@ def _build_dinov2_hf(tmp: Path) -> dict[str, Any]:
 
 
 def _build_dinov2_timm(tmp: Path, hf_folder: Path) -> dict[str, Any]:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     from transformers import Dinov2Model
 
     # go through from_pretrained: the on-disk key names follow transformers' checkpoint conversion rules
     hf_state = Dinov2Model.from_pretrained(str(hf_folder)).state_dict()
     timm_state = hf_to_timm_dinov2(hf_state)
-    save_file(timm_state, str(tmp / "model.safetensors"), metadata={"format": "pt", "timm_model": TIMM_DINOV2_NAME})
+    atomic.write_bytes_atomic(tmp / "model.safetensors",
+                              save(timm_state, metadata={"format": "pt", "timm_model": TIMM_DINOV2_NAME}))
     write_json_atomic(
         tmp / "timm_config.json",
         {"model_name": TIMM_DINOV2_NAME, "create_kwargs": {"pretrained": False, "num_classes": 0}},

@@ -16,11 +16,11 @@ Images and masks are materialised into the cache (``$VLM_TOOLS_HOME/data``) by :
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from vlm_tools.assets import convert
+from vlm_tools.core.io import image_png, write_bytes_atomic, write_text_atomic
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "eval_configs" / "data"
 SHAPES_SPLITS = ("quick", "eval1000", "full")
@@ -86,27 +86,26 @@ def _build_shapes(tmp: Path) -> dict[str, Any]:
 
     texts, answers, image_ids = easy_vqa.get_test_questions()
     paths = easy_vqa.get_test_image_paths()
-    (tmp / "images").mkdir()
-    (tmp / "masks").mkdir()
     mask_pixels = {}
     for image_id, src in sorted(paths.items()):
-        shutil.copyfile(src, tmp / "images" / f"{image_id}.png")
+        write_bytes_atomic(tmp / "images" / f"{image_id}.png", Path(src).read_bytes())
         mask = shape_mask(np.asarray(Image.open(src).convert("RGB")))
-        Image.fromarray(mask.astype(np.uint8) * 255).save(tmp / "masks" / f"{image_id}.png")
+        write_bytes_atomic(tmp / "masks" / f"{image_id}.png", image_png(Image.fromarray(mask.astype(np.uint8) * 255)))
         mask_pixels[image_id] = int(mask.sum())
-    with open(tmp / "questions.jsonl", "w") as handle:
-        for qid, (text, answer, image_id) in enumerate(zip(texts, answers, image_ids, strict=True)):
-            row = {
-                "id": qid,
-                "image_id": image_id,
-                "image": f"images/{image_id}.png",
-                "mask": f"masks/{image_id}.png",
-                "question": text,
-                "answer": answer,
-                "kind": answer_kind(answer),
-                "mask_pixels": mask_pixels[image_id],
-            }
-            handle.write(json.dumps(row) + "\n")
+    lines = []
+    for qid, (text, answer, image_id) in enumerate(zip(texts, answers, image_ids, strict=True)):
+        row = {
+            "id": qid,
+            "image_id": image_id,
+            "image": f"images/{image_id}.png",
+            "mask": f"masks/{image_id}.png",
+            "question": text,
+            "answer": answer,
+            "kind": answer_kind(answer),
+            "mask_pixels": mask_pixels[image_id],
+        }
+        lines.append(json.dumps(row) + "\n")
+    write_text_atomic(tmp / "questions.jsonl", "".join(lines))
     return {"package": "easy-vqa==1.0", "split": "test", "license": "MIT", "questions": len(texts)}
 
 
@@ -188,20 +187,18 @@ def _build_photos(tmp: Path) -> dict[str, Any]:
     from PIL import Image
 
     spec = _photos_spec()
-    (tmp / "images").mkdir()
-    (tmp / "masks").mkdir()
     for name, meta in spec["photos"].items():
         image = Image.fromarray(_photo_array(meta["loader"])).convert("RGB")
         if list(image.size) != list(meta["size"]):
             raise ValueError(f"photo {name}: size {image.size} differs from the recorded {meta['size']}")
-        image.save(tmp / "images" / f"{name}.png")
+        write_bytes_atomic(tmp / "images" / f"{name}.png", image_png(image))
     for item in spec["questions"]:
         if item["bbox"]:
             width, height = spec["photos"][item["photo"]]["size"]
             mask = np.zeros((height, width), dtype=np.uint8)
             x0, y0, x1, y1 = item["bbox"]
             mask[y0:y1, x0:x1] = 255
-            Image.fromarray(mask).save(tmp / "masks" / f"{item['id']}.png")
+            write_bytes_atomic(tmp / "masks" / f"{item['id']}.png", image_png(Image.fromarray(mask)))
     return {"questions": len(spec["questions"]), "photos": sorted(spec["photos"])}
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from vlm_tools.core.io import png_data_uri, write_text_atomic
+from vlm_tools.core.io import image_png, png_data_uri, write_text_atomic
 
 __all__ = ["DemoRow", "format_table", "write_results", "kept_mask_image", "write_html"]
 
@@ -84,12 +84,6 @@ def kept_mask_image(image, kept: torch.Tensor, grid: tuple[int, int], size: int 
     return Image.alpha_composite(img.convert("RGBA"), shade).convert("RGB")
 
 
-def _png(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def write_html(path: Path, rows: list[DemoRow], gallery, meta: dict) -> None:
     """`report.html`: the table, and per photo `(title, [(method, PIL image, visual tokens)])` the kept masks."""
     esc = html.escape
@@ -100,7 +94,7 @@ def write_html(path: Path, rows: list[DemoRow], gallery, meta: dict) -> None:
             f"{r.prefill_ms:.1f}")) + "</tr>" for r in rows)
     figs = []
     for title, cells in gallery:
-        imgs = "".join(f'<figure><img src="{png_data_uri(_png(img))}" alt="{esc(name)}">'
+        imgs = "".join(f'<figure><img src="{png_data_uri(image_png(img))}" alt="{esc(name)}">'
                        f"<figcaption>{esc(name)} ({n} tokens)</figcaption></figure>" for name, img, n in cells)
         figs.append(f"<h3>{esc(title)}</h3><div class='row'>{imgs}</div>")
     meta_html = "".join(f"<li><b>{esc(str(k))}</b>: {esc(str(v))}</li>" for k, v in meta.items())
