@@ -109,12 +109,13 @@ def _build_shapes(tmp: Path) -> dict[str, Any]:
     return {"package": "easy-vqa==1.0", "split": "test", "license": "MIT", "questions": len(texts)}
 
 
-def ensure_shapes_vqa(force: bool = False, verbose: bool = True) -> Path:
+def ensure_shapes_vqa(force: bool = False, verbose: bool = True, deep: bool = False) -> Path:
     """Materialise ``shapes_vqa`` (images, masks, ``questions.jsonl``) in the cache; returns its folder."""
     return convert.build_folder(
         convert.cache_home() / "data" / "shapes_vqa",
         _build_shapes,
         force=force,
+        deep=deep,
         verbose=verbose,
         what="shapes_vqa",
         expect_source={"mask_rule": SHAPE_MASK_RULE},
@@ -202,13 +203,14 @@ def _build_photos(tmp: Path) -> dict[str, Any]:
     return {"questions": len(spec["questions"]), "photos": sorted(spec["photos"])}
 
 
-def ensure_photos_yesno(force: bool = False, verbose: bool = True) -> Path:
+def ensure_photos_yesno(force: bool = False, verbose: bool = True, deep: bool = False) -> Path:
     """Materialise the ``photos_yesno`` photos (PNG) and box masks in the cache; returns its folder."""
     spec_digest = convert.sha256_file(_config_file("photos_yesno", "questions.json"))
     return convert.build_folder(
         convert.cache_home() / "data" / "photos_yesno",
         _build_photos,
         force=force,
+        deep=deep,
         verbose=verbose,
         what="photos_yesno",
         expect_source={"questions_sha256": spec_digest},
@@ -255,9 +257,9 @@ def photos_yesno(with_arrays: bool = False) -> list[dict[str, Any]]:
     return items
 
 
-def ensure_all(force: bool = False, verbose: bool = True) -> dict[str, Path]:
+def ensure_all(force: bool = False, verbose: bool = True, deep: bool = False) -> dict[str, Path]:
     """Materialise every local benchmark; returns ``{"shapes_vqa": ..., "photos_yesno": ...}``."""
     return {
-        "shapes_vqa": ensure_shapes_vqa(force=force, verbose=verbose),
-        "photos_yesno": ensure_photos_yesno(force=force, verbose=verbose),
+        "shapes_vqa": ensure_shapes_vqa(force=force, verbose=verbose, deep=deep),
+        "photos_yesno": ensure_photos_yesno(force=force, verbose=verbose, deep=deep),
     }

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["write_bytes_atomic", "write_text_atomic", "write_json_atomic", "pyplot", "figure_png", "write_figure",
-           "image_png", "png_data_uri"]
+           "image_png", "png_data_uri", "UnwritableFolderError", "ensure_writable_dir"]
 
 
 def write_bytes_atomic(path: str | Path, data: bytes, mode: int = 0o644) -> Path:
@@ -28,6 +28,28 @@ def write_bytes_atomic(path: str | Path, data: bytes, mode: int = 0o644) -> Path
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
+
+
+class UnwritableFolderError(OSError):
+    """An output folder that cannot be created or written; the message names it and the reason (one line)."""
+
+
+def ensure_writable_dir(path: str | Path) -> Path:
+    """Create `path` (and its parents) if needed and check that a file can be created in it, before any work.
+
+    Raises:
+        UnwritableFolderError: it cannot be created or written (e.g. read-only, or a parent is a file).
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise UnwritableFolderError(f"cannot write to {path}: {reason}") from None
     return path
 
 
