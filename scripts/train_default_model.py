@@ -8,7 +8,7 @@ Recipe (see ``../shared/reference/offline_assets.md`` section 6 and ``benchmarks
 * stage 1 trains the 2-layer GELU projector (LLaVA's ``multi_modal_projector``) with the LM frozen;
 * stage 2 adds LoRA (r=8, alpha=16) on the LM's ``q_proj``/``v_proj`` and keeps training the projector;
 * the loss is cross-entropy on the answer word and ``<|im_end|>`` only; the prompt is
-  :func:`vlm_tools.assets.default_model.format_prompt`; the LM runs in bf16;
+  :func:`vlm_tools.loading.format_prompt` (the default processor's chat template); the LM runs in bf16;
 * a step takes ``--images-per-step`` images with all their questions, packed with a shared prefix (the image tokens
   go through the LM once per image; a block mask keeps each question's computation identical to its own sequence).
 
@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from vlm_tools.assets import convert, default_model, vqa_eval  # noqa: E402 (after the sys.path line)
 from vlm_tools.core.io import write_bytes_atomic  # noqa: E402
+from vlm_tools.loading import format_prompt  # noqa: E402
 
 LOG = logging.getLogger("train_default_model")
 EVAL_IDS = REPO / "eval_configs" / "data" / "shapes_vqa" / "eval1000_ids.json"
@@ -148,7 +149,7 @@ class Tokenized:
 
     def prompt(self, question: str) -> tuple[list[int], list[int]]:
         if question not in self._cache:
-            text = default_model.format_prompt(self.processor, question)
+            text = format_prompt(self.processor, question)
             before, after = text.split(default_model.IMAGE_TOKEN)
             pre = self.tok(before, add_special_tokens=False).input_ids
             post = self.tok(after, add_special_tokens=False).input_ids
@@ -164,7 +165,7 @@ class Tokenized:
         """Assert that the piecewise ids equal the processor's own tokenisation of the full text."""
         from PIL import Image
 
-        text = default_model.format_prompt(self.processor, question)
+        text = format_prompt(self.processor, question)
         full = self.processor(images=Image.new("RGB", (64, 64)), text=text + " " + answer + "<|im_end|>")
         pre, post = self.prompt(question)
         mine = pre + [self.image_id] * self.n_img + post + self.answer(answer)
