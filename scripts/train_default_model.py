@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from vlm_tools.assets import convert, default_model, vqa_eval  # noqa: E402 (after the sys.path line)
 from vlm_tools.core.io import write_bytes_atomic  # noqa: E402
-from vlm_tools.loading import format_prompt  # noqa: E402
+from vlm_tools.loading import auto_dtype, format_prompt  # noqa: E402
 
 LOG = logging.getLogger("train_default_model")
 EVAL_IDS = REPO / "eval_configs" / "data" / "shapes_vqa" / "eval1000_ids.json"
@@ -75,8 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=None, help="feature cache + checkpoints (default: cache/train)")
     p.add_argument("--out-dir", type=Path, default=REPO / "vlm_tools" / "assets" / "weights")
     p.add_argument("--eval-only", action="store_true", help="skip training; evaluate the weights in --out-dir")
-    p.add_argument("--eval-dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                   help="dtype of the assembled LLaVA in the final evaluation (the LM was trained in bf16)")
+    p.add_argument("--eval-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="dtype of the assembled LLaVA in the final evaluation (the LM was trained in bf16); auto: "
+                   "vlm_tools.loading.auto_dtype (fp32 on CPUs without bf16 units, where bf16 is emulated)")
     p.add_argument("--export-checkpoint", action="store_true",
                    help="write the weights of the latest checkpoint to --out-dir (e.g. while training runs) and exit")
     p.add_argument("--bench", type=int, default=0, help="time N steps of each stage and exit")
@@ -536,6 +537,11 @@ def export_weights(args: argparse.Namespace, projector_state: dict[str, torch.Te
 
 
 # ----------------------------------------------------------------------------------------------- final eval
+def eval_dtype(args: argparse.Namespace) -> torch.dtype:
+    """The final evaluation's dtype: ``--eval-dtype``, ``auto`` being :func:`vlm_tools.loading.auto_dtype` on CPU."""
+    return auto_dtype("cpu") if args.eval_dtype == "auto" else getattr(torch, args.eval_dtype)
+
+
 def final_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate the exported weights through the assembled HF LLaVA with ``generate``."""
     from PIL import Image
@@ -546,14 +552,14 @@ def final_eval(args: argparse.Namespace) -> dict[str, Any]:
     ids = json.loads(EVAL_IDS.read_text())["ids"]
     model, processor = default_model.assemble_untrained()
     LOG.info("applied trained weights: %s", default_model.apply_trained_weights(model, args.out_dir))
-    model = model.to(getattr(torch, args.eval_dtype))
+    model = model.to(eval_dtype(args))
     refs = [te_a[i] for i in ids]
     questions = [te_q[i] for i in ids]
     images = {i: Image.open(te_paths[i]).convert("RGB") for i in sorted({te_i[j] for j in ids})}
     results: dict[str, Any] = {
         "n_questions": len(ids),
         "subset": str(EVAL_IDS.relative_to(REPO)),
-        "eval_dtype": args.eval_dtype,
+        "eval_dtype": str(eval_dtype(args)).removeprefix("torch."),
         "decoding": "greedy, max_new_tokens=4, first word",
     }
     t0 = time.perf_counter()
@@ -607,7 +613,7 @@ def main(argv: list[str] | None = None) -> None:
     results = final_eval(args)
     results["command"] = " ".join(["python", "scripts/train_default_model.py", *(argv or sys.argv[1:])])
     results["train_args"] = {**ckpt_args(args), "stage2_steps": args.stage2_steps, "decay_steps": args.decay_steps}
-    name = f"eval_results_{args.eval_dtype}.json" if args.eval_only else "train_results.json"
+    name = f"eval_results_{results['eval_dtype']}.json" if args.eval_only else "train_results.json"
     convert.write_json_atomic(args.out_dir / name, results)
     LOG.info("wrote %s", args.out_dir / name)
 
