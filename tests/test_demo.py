@@ -74,9 +74,9 @@ def _synthetic(question: str, label: str):
 def test_report_escapes_user_text():
     question, label = "<script>alert('x')</script> & \"q\"?", "evil|<i>m</i>"
     rows, gallery = _synthetic(question, label)
-    doc = render_html(rows, gallery, {"model": "<m>"}, accuracy_plot_png(rows), PhotosScore(0.5, 0.35, 0.65, 42, 0.5),
-                      "t<itle>", "n<ote>")
-    for raw in ("<script>", "<i>m</i>", "<b>no</b>", "cat<1>", "<m>", "t<itle>", "n<ote>"):
+    doc = render_html(rows, gallery, {"model": "<m>"}, accuracy_plot_png(rows),
+                      PhotosScore(0.5, 0.35, 0.65, 42, 0.5, "<u>no</u>", 1.0), "t<itle>", "n<ote>")
+    for raw in ("<script>", "<i>m</i>", "<b>no</b>", "cat<1>", "<m>", "t<itle>", "n<ote>", "<u>no</u>"):
         assert raw not in doc
     for escaped in ("&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &quot;q&quot;?",
                     "evil|&lt;i&gt;m&lt;/i&gt;", "&lt;b&gt;no&lt;/b&gt;", 'data-photo="cat&lt;1&gt;"'):

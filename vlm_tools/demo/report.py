@@ -82,13 +82,15 @@ class GalleryPhoto:
 
 @dataclass
 class PhotosScore:
-    """The unpruned model's score on all of photos_yesno, next to chance."""
+    """The unpruned model's score on all of photos_yesno, next to chance, and its most frequent answer."""
 
     accuracy: float
     ci_low: float
     ci_high: float
     n: int
     chance: float
+    top_answer: str = ""
+    top_answer_share: float = 0.0
 
 
 def _fmt(v: Any) -> str:
@@ -258,7 +260,8 @@ def render_html(rows: list[DemoRow], gallery: list[GalleryPhoto], meta: dict, pl
     if photos_score is not None:
         s = photos_score
         score = (f"<p>photos_yesno, unpruned: <b>{s.accuracy:.3f}</b> [{s.ci_low:.3f}, {s.ci_high:.3f}] (95 % Wilson, "
-                 f"{s.n} questions); chance is {s.chance:.3f}.</p>")
+                 f"{s.n} questions); chance is {s.chance:.3f}. Its most frequent answer, "
+                 f"<q>{esc(s.top_answer)}</q>, is {s.top_answer_share:.0%} of its answers.</p>")
     sections = []
     for ph in gallery:
         cells = []

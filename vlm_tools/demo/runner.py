@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -208,7 +209,9 @@ def run_demo(model: str = "default", out_dir: str | Path = "out/demo", questions
                 [it["question"] for it in photo_items], batch_size, max_new_tokens, prompt, candidates) for a in batch]
         acc, low, high, n = _score(photo_answers, [it["answer"] for it in photo_items])
         yes = sum(it["answer"] == "yes" for it in photo_items)
-        score = PhotosScore(accuracy=acc, ci_low=low, ci_high=high, n=n, chance=max(yes, n - yes) / n)
+        top, count = Counter(photo_answers).most_common(1)[0]
+        score = PhotosScore(accuracy=acc, ci_low=low, ci_high=high, n=n, chance=max(yes, n - yes) / n,
+                            top_answer=top, top_answer_share=count / n)
         shown = _distinct_photos(photo_items)
         photos = [GalleryPhoto(photo=it["photo"], source=it["source"], credit=it["credit"], question=it["question"],
                                reference=it["answer"], bbox=it["bbox"]) for it in shown]
