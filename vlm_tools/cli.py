@@ -9,7 +9,7 @@ import sys
 # Modules that add sub-commands through `register_cli(subparsers)`; each imports its heavy deps lazily.
 CLI_MODULES: tuple[str, ...] = (
     "vlm_tools.assets.cli",
-    "vlm_tools.demo",
+    "vlm_tools.demo.cli",
     "vlm_tools.analysis.cli",
     "vlm_tools.integrations.eval_cli",
     "vlm_tools.registers.cli",

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def _cmd_setup(args: argparse.Namespace) -> int:
-    from vlm_tools.assets.convert import MissingWeightsPackageError
-    from vlm_tools.assets.default_model import setup
+    from vlm_tools.assets.convert import MissingWeightsPackageError, cache_home
+    from vlm_tools.assets.setup import setup
+    from vlm_tools.core.io import ensure_writable_dir
+    from vlm_tools.errors import OutputDirError
 
     try:
-        home = setup(force=args.force, verbose=not args.quiet)
-    except MissingWeightsPackageError as err:
-        print(f"vlm-tools setup: {err}")
+        ensure_writable_dir(cache_home())
+        home = setup(force=args.force, verbose=not args.quiet, verify=args.verify)
+    except (MissingWeightsPackageError, OutputDirError) as err:
+        print(f"vlm-tools setup: {err}", file=sys.stderr)
         return 2
     print(home)
     return 0
@@ -24,8 +28,13 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "setup",
         help="build the offline cache: DINOv2-S + SmolLM2 conversions, the default VLM, shapes_vqa and photos_yesno",
         description="Build (or verify) everything in $VLM_TOOLS_HOME (default ~/.cache/vlm_tools). Idempotent: a "
-        "second run checks the cached files' sizes against their manifests and returns quickly.",
+        "second run checks the cached files against their manifests (sizes and sha256; a file's hash is computed "
+        "once and cached by its size, mtime, ctime and inode) and returns quickly. A missing or changed file is "
+        "rebuilt with a message naming it.",
     )
     p.add_argument("--force", action="store_true", help="rebuild every cached folder")
+    p.add_argument("--verify", action="store_true",
+                   help="re-read every cached byte and compare its sha256 with the manifest (damage below the file "
+                   "system, which leaves a file's stat unchanged); rebuild what differs")
     p.add_argument("--quiet", action="store_true", help="print only the cache path")
     p.set_defaults(func=_cmd_setup)

