@@ -43,7 +43,7 @@ def answers(runner, processor, items, batch_size: int = 16) -> list[str]:
     """Greedy answers (normalised first word) through `runner` (a model or a WrappedModel)."""
     from PIL import Image
 
-    from vlm_tools.assets.default_model import format_prompt
+    from vlm_tools.loading import format_prompt
     from vlm_tools.assets.vqa_eval import normalize_answer
 
     tok = processor.tokenizer
@@ -76,7 +76,7 @@ def main() -> None:
 
     import vlm_tools
     from vlm_tools.assets.data import load_shapes_vqa
-    from vlm_tools.assets.default_model import format_prompt
+    from vlm_tools.loading import format_prompt
     from vlm_tools.analysis import dominance
 
     t0 = time.perf_counter()
