@@ -232,11 +232,11 @@ def test_same_size_corruption_is_rebuilt_with_message(tmp_path, monkeypatch, cap
         assert str(path) in message and "sha256" in message and "Rebuilding" in message
         if path.suffix == ".json":
             assert path.read_bytes() == good
-        else:  # every tensor bit-equal to the first build (the file bytes differed once on plain AVX2, values never)
+        else:  # every tensor bit-equal to the first build (under plain AVX2 the rebuilt file lays the tensors out in another order)
             import torch
             from safetensors.torch import load
             before, after = load(good), load(path.read_bytes())
-            assert list(before) == list(after) and all(torch.equal(before[k], after[k]) for k in before)
+            assert set(before) == set(after) and all(torch.equal(before[k], after[k]) for k in before)
         # and the rebuilt folder passes its own manifest check: no second rebuild
         capsys.readouterr()
         convert.ensure_converted(verbose=True)
