@@ -97,3 +97,24 @@ def test_bad_inputs_are_clear(next_case, tmp_path):
         with vlm_tools.attached(next_case.model, "none") as wrapped, torch.no_grad():
             wrapped(**next_case.singles[0], forced_tokens=[10_000])
     assert find_hooks(next_case.model) == []
+
+
+def test_mask_positions_masks_exactly_the_given_visual_positions(next_case):
+    """All visual positions given == mask_images; a subset changes the scores less; non-visual positions raise."""
+    imgs = make_images()
+    answers = generate_answers(next_case.model, next_case.processor, imgs, PROMPTS, max_new_tokens=3)
+    clean = teacher_force(next_case.model, next_case.processor, imgs, PROMPTS, answers, hidden_states=False)
+    full = teacher_force(next_case.model, next_case.processor, imgs, PROMPTS, answers, hidden_states=False,
+                         mask_images=True)
+    every = [lay.visual_positions() for lay in clean.layouts]
+    same = teacher_force(next_case.model, next_case.processor, imgs, PROMPTS, answers, hidden_states=False,
+                         mask_positions=every)
+    assert torch.equal(same.logits, full.logits)
+    half = [v[: v.numel() // 2] for v in every]
+    part = teacher_force(next_case.model, next_case.processor, imgs, PROMPTS, answers, hidden_states=False,
+                         mask_positions=half)
+    assert not torch.allclose(part.logits, clean.logits) and not torch.allclose(part.logits, full.logits)
+    text = [torch.nonzero(lay.kind == SequenceLayout.TEXT).flatten()[:1] for lay in clean.layouts]
+    with pytest.raises(ValueError, match="visual positions"):
+        teacher_force(next_case.model, next_case.processor, imgs, PROMPTS, answers, mask_positions=text)
+    assert find_hooks(next_case.model) == []
