@@ -6,8 +6,9 @@ the chosen context weighting: TAM's or one of ARC's), min-max normalised, biline
 scale's frame and averaged (optional weights). How a scale s is run depends on the vision tower:
 
 - **Real resolution** (LLaVA-1.5 with a DINOv2 tower, which interpolates its position embeddings, e.g. the
-  default model): a deep copy of the processor whose image processor `size` (height/width, or shortest_edge and
-  crop_size) is scaled by s and rounded to a multiple of the patch size; one batched forced pass of all samples.
+  default model): a copy of the processor with a deep-copied image processor whose `size` (height/width, or
+  shortest_edge and crop_size) is scaled by s, rounded to a multiple of the patch size; one batched forced pass of
+  all samples.
   The default model's 8x8 grid becomes 12x12 at 1.5 and 16x16 at 2.
 - **Tiled crops** (CLIP towers, which LLaVA does not interpolate; and every LLaVA-NeXT model, whose crops must be
   the tower's native size): the part of the image the scale-1 frame spans is covered by `ceil(s) x ceil(s)`
@@ -119,10 +120,11 @@ def _scaled_side(value: int, scale: float, patch: int) -> int:
 
 
 def scaled_processor(processor: Any, scale: float, patch: int) -> Any:
-    """A deep copy of `processor` whose image processor resizes (and centre-crops) `scale` times larger, each side
-    rounded to a multiple of `patch`."""
-    proc = copy.deepcopy(processor)
-    ip = proc.image_processor
+    """A copy of `processor` whose image processor (a deep copy; the tokenizer is shared, a deep copy of it costs
+    more than a forward pass of the default model) resizes (and centre-crops) `scale` times larger, each side
+    rounded to a multiple of `patch`. The caller's processor is never changed."""
+    proc = copy.copy(processor)
+    proc.image_processor = ip = copy.deepcopy(processor.image_processor)
     size = ip.size
     get = size.get if hasattr(size, "get") else (lambda k, d=None: getattr(size, k, d))
     if get("height") is not None and get("width") is not None:
@@ -185,8 +187,8 @@ def resample(maps: torch.Tensor, src_box: tuple, dst_box: tuple, shape: tuple[in
 def scale_passes(ctx: ExplainContext, scales: tuple[float, ...]) -> list[ScalePass]:
     """One `ScalePass` per scale (scale 1 is the context's clean pass), each one batched forced pass of the same
     answers."""
-    clean_frames = ctx.frames()
     real = interpolates(ctx.adapter)
+    clean_frames = ctx.frames() if (not real or 1.0 in scales) else None
     out = []
     for scale in scales:
         if scale <= 0:
@@ -234,8 +236,8 @@ class Msea(Explainer):
         passes = scale_passes(ctx, cfg.scales)
         weights = cfg.weights if cfg.weights is not None else (1.0,) * len(cfg.scales)
         skip = special_ids(ctx.processor)
-        clean_frames = ctx.frames()
         finest = max(range(len(passes)), key=lambda i: passes[i].scale)
+        clean_frames = ctx.frames() if passes[finest].tiled else None
         results = []
         for s, sample in enumerate(ctx.samples):
             # per scale: the sample's pieces' token maps
@@ -282,7 +284,7 @@ class Msea(Explainer):
             wsum = float(sum(weights))
             maps = total / wsum if wsum != 1.0 else total
             maps = maps * (~finest_pruned).to(maps.dtype)
-            frame = _stitched_frame(*shape, finest_pruned, clean_frames[s]) if sp_f.tiled else base
+            frame = _stitched_frame(*shape, finest_pruned, base) if sp_f.tiled else base
             results.append(Attribution(maps=maps, text=text / wsum if wsum != 1.0 else text, frame=frame,
                                        scores={"prob": (prob / wsum if wsum != 1.0 else prob).tolist(), **probs}))
         return results
