@@ -334,6 +334,18 @@ def test_config_errors():
     assert info.config_cls().weighting == "irrelevance" and info.config_cls().scales == (1.0, 1.5, 2.0)
 
 
+def test_tiled_scale_below_one_is_refused(tiny_llava, one_thread):
+    wrapped = wrap(tiny_llava.model, "none")
+    try:
+        ctx = _ctx(wrapped, tiny_llava.processor, make_images()[:1], PROMPTS[:1])
+        with pytest.raises(ValueError, match="scale 0.5"):
+            _run("msea", ctx, scales=(0.5, 1.0))
+        assert sorted(find_hooks(tiny_llava.model)) == sorted(find_hooks(wrapped.model))
+    finally:
+        wrapped.unwrap()
+    assert find_hooks(tiny_llava.model) == []
+
+
 def test_tile_rects_cover_the_box():
     rects = msea_mod.tile_rects((10.0, 0.0, 50.0, 40.0), (60, 40), 1.5)
     assert len(rects) == 4 and rects[0][:2] == (10, 0) and rects[-1][2:] == (50, 40)

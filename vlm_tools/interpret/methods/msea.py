@@ -12,7 +12,7 @@ scale's frame and averaged (optional weights). How a scale s is run depends on t
   The default model's 8x8 grid becomes 12x12 at 1.5 and 16x16 at 2.
 - **Tiled crops** (CLIP towers, which LLaVA does not interpolate; and every LLaVA-NeXT model, whose crops must be
   the tower's native size): the part of the image the scale-1 frame spans is covered by `ceil(s) x ceil(s)`
-  overlapping tiles of `1/s` its width and height; every tile is one sample of ONE batched forced pass (prompt and
+  overlapping tiles of `1/s` its width and height (so scales must be >= 1 there); every tile is one sample of ONE batched forced pass (prompt and
   answer repeated), the tiles' maps (each on its own frame; LLaVA-NeXT tiles go through the model's own anyres
   processing) are resampled onto an s-times finer frame over the scale-1 frame's box and averaged where tiles
   overlap. The resulting frame is stitched: it spans no sequence positions of one pass (`positions` empty).
@@ -116,7 +116,7 @@ def interpolates(adapter: Any) -> bool:
 
 
 def _scaled_side(value: int, scale: float, patch: int) -> int:
-    return max(patch, int(round(value * scale / patch)) * patch)
+    return max(patch, round(value * scale / patch) * patch)
 
 
 def scaled_processor(processor: Any, scale: float, patch: int) -> Any:
@@ -156,8 +156,8 @@ def tile_rects(box: tuple[float, float, float, float], image_size: tuple[int, in
     rects = []
     for ty in ys:
         for tx in xs:
-            a, b = int(round(tx)), int(round(ty))
-            rects.append((a, b, max(a + 1, int(round(tx + tw))), max(b + 1, int(round(ty + th)))))
+            a, b = round(tx), round(ty)
+            rects.append((a, b, max(a + 1, round(tx + tw)), max(b + 1, round(ty + th))))
     return rects
 
 
@@ -203,6 +203,10 @@ def scale_passes(ctx: ExplainContext, scales: tuple[float, ...]) -> list[ScalePa
             out.append(ScalePass(scale, forced, list(range(len(ctx.samples))), frames, [f.box for f in frames],
                                  tiled=False))
         else:
+            if scale < 1.0:
+                raise ValueError(f"scale {scale} < 1 needs a tower that interpolates its position embeddings "
+                                 f"(LLaVA-1.5 with DINOv2); {ctx.adapter.family} with a {ctx.adapter.tower_type} "
+                                 "tower emulates scales >= 1 only, by tiled crops")
             tiles, owners, origins = [], [], []
             for s, (sample, frame) in enumerate(zip(ctx.samples, clean_frames)):
                 for rect in tile_rects(frame.box, sample.image.size, scale):
