@@ -108,11 +108,12 @@ def test_every_scale_same_token_ids(case, one_thread):
 def _hand_context(layout, apos, q, skip):
     """(token position, score position) pairs, written as an explicit loop."""
     first = int(apos[0])
+    last_image = max(p for p in range(len(layout.ids)) if int(layout.kind[p]) == SequenceLayout.VISUAL)
     pairs = []
     for p in range(len(layout.ids)):
         if int(layout.kind[p]) != SequenceLayout.TEXT:
             continue
-        if p < first - 1 and int(layout.ids[p]) not in skip:
+        if last_image < p < first - 1 and int(layout.ids[p]) not in skip:
             pairs.append((p, p))
         elif p in [int(a) for a in apos] and p < q:
             pairs.append((p, p - 1))

@@ -13,9 +13,10 @@ Semantics follow TAM (`xmed-lab/TAM`, `tam.py`), re-implemented here:
   a *score position*, where its textual score `relu(logits[e, c])` is read, and its own visual map, the raw map of
   its own token id. As in TAM, a prompt token is scored at its own position and an answer token at the position
   that emitted it (`e = p - 1`); the self position `q - 1` therefore never scores a context token.
-  Deviation: TAM takes the prompt tokens between model-specific markers (the question only); here every non-special
-  prompt text token before the last one is context (the last prompt token is the emitter of the first answer
-  token, TAM's "last prompt" score). TAM's first prompt token uses the argmax class of its position; here every
+  TAM takes the prompt tokens between model-specific markers: the user text after the image, up to the
+  assistant template. Here (no markers): every non-special prompt text token after the last image token and before
+  the last prompt token (the emitter of the first answer token, TAM's "last prompt" score); deviation: the
+  assistant template tokens between the user text and the last prompt token are context too. TAM's first prompt token uses the argmax class of its position; here every
   context token uses its own id.
 - ECI: `E = sum_j w_j A_j` over the context tokens whose id differs from the target's (TAM compares token strings;
   one id is one token string), `w` normalised to sum 1 (`+1e-8` as TAM), `s = <A_t, E> / <E, E>` (TAM's
@@ -86,13 +87,16 @@ def context_tokens(layout: SequenceLayout, answer_positions: torch.Tensor, targe
                    skip: Collection[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """The context of the answer token at `target_position`: `(token positions, score positions)`.
 
-    Prompt text tokens before the last prompt token (ids in `skip` left out) are scored at their own position;
-    answer tokens before the target at the position that emitted them (one before). Both are `(J,)` LongTensors.
+    Prompt text tokens after the last image token and before the last prompt token (ids in `skip` left out) are
+    scored at their own position; answer tokens before the target at the position that emitted them (one before).
+    Both are `(J,)` LongTensors.
     """
     answer_positions = torch.as_tensor(answer_positions, dtype=torch.long)
     first = int(answer_positions[0])
     text = torch.nonzero(layout.kind == SequenceLayout.TEXT).flatten()
-    prompt = text[text < first - 1]
+    image = torch.nonzero((layout.kind == SequenceLayout.VISUAL) | (layout.kind == SequenceLayout.DROPPED)).flatten()
+    after = int(image.max()) if image.numel() else -1
+    prompt = text[(text > after) & (text < first - 1)]
     if skip:
         keep = torch.tensor([int(layout.ids[p]) not in skip for p in prompt.tolist()], dtype=torch.bool)
         prompt = prompt[keep] if prompt.numel() else prompt
