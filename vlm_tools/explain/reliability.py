@@ -428,10 +428,12 @@ def _mean_colour(image):
     return Image.new("RGB", image.size, mean)
 
 
-def _answer_ids(processor: Any, answers: Any, n: int) -> list[torch.Tensor] | None:
+def _answer_ids(processor: Any, answers: Any, n: int, single: bool) -> list[torch.Tensor] | None:
     if answers is None:
         return None
-    items = answers if isinstance(answers, (list, tuple)) else [answers]
+    items = [answers] if single or isinstance(answers, str) else answers
+    if not isinstance(items, (list, tuple)):
+        raise TypeError(f"answers of a batch must be a list of strings, got {type(answers).__name__}: {answers!r}")
     if len(items) != n:
         raise ValueError(f"got {len(items)} answers for {n} samples; give one per sample")
     out = []
@@ -517,7 +519,7 @@ def reliability(model: nn.Module | WrappedModel, processor: Any, images: Any, pr
         raise ValueError(f"got {len(raw)} images for {len(prompt_list)} prompts; give one image per prompt")
     mis_raw = _mismatched_images(raw, mismatched, reference)
     clean_imgs, mis_imgs = load_images(raw), load_images(mis_raw)
-    answers = _answer_ids(processor, answer, len(prompt_list))
+    answers = _answer_ids(processor, answer, len(prompt_list), single)
     if answers is None:
         answers = generate_answers(model, processor, clean_imgs, prompt_list, max_new_tokens=max_new_tokens)
         empty = [s for s, a in enumerate(answers) if a.numel() == 0]
