@@ -277,3 +277,38 @@ def test_strip_outputs_escape_tokens(pair, tmp_path):
     path = odd.strip_png(tmp_path / "strip.png")
     assert Image.open(path).size[0] > 50
     assert isinstance(r, Reliability)
+
+
+@pytest.mark.parametrize("extra", [[], ["--prune", "cls_topk", "--keep", "4", "--answer", "bottom <b>"]])
+def test_cli_writes_json_png_and_html(tmp_path, extra, one_thread):
+    from vlm_tools.cli import main
+
+    img = tmp_path / "img.png"
+    make_images()[0].save(img)
+    out = tmp_path / "out"
+    rc = main(["reliability", "--model", "tiny", "--image", str(img), "--prompt", "what is in the image ?",
+               "--max-new-tokens", "3", "--out", str(out), *extra])
+    assert rc == 0
+    data = json.loads((out / "reliability.json").read_text())
+    assert len(data["tokens"]) == len(data["reliability"]) == len(data["s_log"]) > 0
+    assert 0 <= data["sentence_score"] <= 1
+    assert (data["prune"] is None) == (not extra)
+    page = (out / "strip.html").read_text()
+    assert "<b>" not in page.replace("<body>", "")
+    assert Image.open(out / "strip.png").size[0] > 50
+
+
+def test_cli_usage_errors(tmp_path, capsys):
+    from vlm_tools.cli import main
+
+    img = tmp_path / "img.png"
+    make_images()[0].save(img)
+    assert main(["reliability", "--model", "tiny", "--image", str(img), "--prompt", "x", "--prune", "cls_topk",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--keep N go together" in capsys.readouterr().err
+    assert main(["reliability", "--model", "tiny", "--image", str(tmp_path / "nope.png"), "--prompt", "x",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "nope.png" in capsys.readouterr().err
+    assert main(["reliability", "--model", "tiny", "--image", str(img), "--prompt", "x", "--answer", "",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "empty" in capsys.readouterr().err
