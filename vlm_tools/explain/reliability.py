@@ -335,8 +335,10 @@ class Reliability:
         per_row = 12
         n = max(1, len(self.tokens))
         rows = math.ceil(n / per_row)
-        fig, ax = plt.subplots(figsize=(min(per_row, n) * 1.0 + 0.6, 0.55 * rows + 0.7))
-        ax.set_xlim(0, min(per_row, n))
+        cols = max(min(per_row, n), 5)
+        fig, ax = plt.subplots(figsize=(cols * 1.0 + 0.4, 0.55 * rows + 0.5))
+        fig.subplots_adjust(left=0.02, right=0.98, top=0.98, bottom=0.02)
+        ax.set_xlim(0, cols)
         ax.set_ylim(rows, -0.6)
         ax.axis("off")
         for i, (tok, r) in enumerate(zip(self.tokens, self.reliability)):
@@ -346,7 +348,6 @@ class Reliability:
                     fontsize=8, clip_on=True)
         ax.text(0, -0.3, plain_text(f"sentence score {self.sentence_score:.3f}  (red: guessed, green: grounded)"),
                 fontsize=8, va="center")
-        fig.tight_layout()
         return write_figure(fig, path, dpi=dpi)
 
 
