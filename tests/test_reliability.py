@@ -312,3 +312,29 @@ def test_cli_usage_errors(tmp_path, capsys):
     assert main(["reliability", "--model", "tiny", "--image", str(img), "--prompt", "x", "--answer", "",
                  "--out", str(tmp_path / "o")]) == 2
     assert "empty" in capsys.readouterr().err
+
+
+def test_eval_tables_on_tiny_results(pair, one_thread):
+    """The reliability-eval tables: cross-fitted detectors, AUROC against sklearn on a hand-built score."""
+    from sklearn.metrics import roc_auc_score
+
+    from vlm_tools.explain.reliability_eval import DETECTORS, EvalItem, budget_table, detection_table, render_markdown
+
+    model, _, processor = pair
+    results = _results(model, processor, n=8)
+    items = [EvalItem(dataset="shapes_vqa" if i < 6 else "blank", budget="none" if i % 2 else "keep=4",
+                      image_key=f"img{i}", question="q", truth="a", answer="a", correct=i % 3 != 0,
+                      positive=i % 3 == 0 or i >= 6, result=r) for i, r in enumerate(results)]
+    rows = detection_table(items)
+    top = rows[0]
+    assert top["set"] == "all" and top["positives"] + top["negatives"] == 8
+    y = [int(it.positive) for it in items]
+    want = roc_auc_score(y, [1 - it.result.confidence for it in items])
+    assert top["confidence"][0] == pytest.approx(want)
+    assert set(DETECTORS) <= set(top)
+    budgets = budget_table(items)
+    assert {b["budget"] for b in budgets} == {"none", "keep=4", "blank (unpruned)"}
+    text = render_markdown({"detection": rows, "budgets": budgets, "sizes": {}, "seconds": 1.0,
+                            "timing": {"generate_s": 1.0, "reliability_given_answer_s": 3.0,
+                                       "reliability_with_generation_s": 4.0, "answer_tokens": 1}})
+    assert "| all | " in text and "3.00x one generate" in text

@@ -53,8 +53,15 @@ from vlm_tools.core.attention import check_lm_attention
 from vlm_tools.core.wrapped import WrappedModel
 from vlm_tools.explain.forcing import ForcedPass, generate_answers, load_images, teacher_force
 
-__all__ = ["reliability", "Reliability", "Combiner", "GROUNDING_FEATURES", "META_FEATURES", "MASKED_MODES",
-           "tail_mean"]
+__all__ = [
+    "GROUNDING_FEATURES",
+    "MASKED_MODES",
+    "META_FEATURES",
+    "Combiner",
+    "Reliability",
+    "reliability",
+    "tail_mean",
+]
 
 #: The seven grounding features (larger = more grounded), in the order the combiners use.
 GROUNDING_FEATURES = ("s_hid", "s_attn", "s_log", "s_logit", "s_prob", "d_clean", "d_mis")

@@ -1,4 +1,4 @@
-"""`vlm-tools reliability`: per-token grounding reliability of one answer, as JSON, a PNG token strip and HTML.
+"""`vlm-tools reliability` (and `reliability-eval`): per-token grounding reliability of one answer, as JSON, a PNG token strip and HTML.
 
 Examples::
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import html
 
-__all__ = ["register_cli"]
+__all__ = ["register_cli", "register_eval_cli"]
 
 
 def _cmd_reliability(args: argparse.Namespace) -> int:
@@ -92,3 +92,56 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--out", default="out/reliability", help="output folder")
     p.set_defaults(func=_cmd_reliability)
+    register_eval_cli(subparsers)
+
+
+def _cmd_reliability_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from vlm_tools.core.io import ensure_writable_dir, write_json_atomic, write_text_atomic
+    from vlm_tools.errors import UsageError
+    from vlm_tools.explain.reliability_eval import evaluate, render_markdown
+    from vlm_tools.loading import load_model
+
+    budgets = []
+    for b in args.budgets.split(","):
+        b = b.strip()
+        if b == "none":
+            budgets.append(None)
+        elif b.isdigit() and int(b) > 0:
+            budgets.append(int(b))
+        else:
+            raise UsageError(f"--budgets takes 'none' and positive token counts, e.g. none,16,8,4; got {b!r}")
+    out = ensure_writable_dir(args.out)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, processor = load_model(args.model, args.dtype)
+    report = evaluate(model, processor, n_shapes=args.n_shapes, n_photos=args.n_photos, n_guess=args.n_guess,
+                      budgets=tuple(budgets), batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    write_json_atomic(out / "reliability_eval.json", report, indent=1)
+    text = render_markdown(report)
+    write_text_atomic(out / "reliability_eval.md", text + "\n")
+    print(text)
+    print(f"wrote {out / 'reliability_eval.json'} and {out / 'reliability_eval.md'}")
+    return 0
+
+
+def register_eval_cli(subparsers: argparse._SubParsersAction) -> None:
+    from vlm_tools.explain import reliability_eval
+
+    p = subparsers.add_parser("reliability-eval", help="AUROC / AP of the reliability score for wrong and guessed "
+                                                       "answers (shapes_vqa at pruning budgets, photos_yesno, "
+                                                       "blank / noise images)",
+                              description=reliability_eval.__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default", help="'default' or an HF model folder with a chat template")
+    p.add_argument("--n-shapes", type=int, default=48, help="shapes_vqa quick-set questions per budget")
+    p.add_argument("--n-photos", type=int, default=42, help="photos_yesno questions (at most 42)")
+    p.add_argument("--n-guess", type=int, default=24, help="questions asked about a blank and a noise image")
+    p.add_argument("--budgets", default="none,16,8,4", help="cls_topk budgets ('none' = unpruned)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=4)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--out", default="out/reliability_eval", help="output folder")
+    p.set_defaults(func=_cmd_reliability_eval)
