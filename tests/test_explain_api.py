@@ -161,30 +161,30 @@ def test_bad_input_is_clear_and_leaves_no_hooks(tiny_llava, tmp_path):
     imgs = make_images()
     bad = tmp_path / "broken_image.png"
     bad.write_bytes(b"not an image")
-    with pytest.raises(TypeError, match="unsupported model Linear.*supports"):
-        vlm_tools.explain(nn.Linear(2, 2), proc, imgs[0], PROMPTS[0], "center")
-    with pytest.raises(KeyError, match="unknown explain method 'nope'.*center.*random"):
-        vlm_tools.explain(m, proc, bad, PROMPTS[0], "nope")  # the method is checked before the image is read
-    with pytest.raises(ValueError, match="broken_image.png"):
-        vlm_tools.explain(m, proc, [bad], [PROMPTS[0]], "center")
-    with pytest.raises(ValueError, match="2 images and 1 prompts"):
-        vlm_tools.explain(m, proc, imgs, PROMPTS[:1], "center")
-    with pytest.raises(ValueError, match="2 image placeholders"):
-        vlm_tools.explain(m, proc, imgs[0], "<image> <image> what", "center")
-    with pytest.raises(ValueError, match="no image placeholder"):  # no chat template on the tiny processor
-        vlm_tools.explain(m, proc, imgs[0], "what is it", "center")
-    with pytest.raises(ValueError, match=r"token 'dog' is not in the answer.*\['bottom', 'show', 'red', 'circle'\]"):
-        vlm_tools.explain(m, proc, imgs[0], PROMPTS[0], "center", answers=ANSWERS[0], tokens=["circle", "dog"])
-    with pytest.raises(ValueError, match="token index 4 is outside the answer"):
-        vlm_tools.explain(m, proc, imgs[0], PROMPTS[0], "center", answers=ANSWERS[0], tokens=4)
-    with pytest.raises(ConfigError, match="unknown config field.*sigmaa.*valid fields: sigma"):
-        vlm_tools.explain(m, proc, imgs[0], PROMPTS[0], "center", sigmaa=1.0)
-    with pytest.raises(ValueError, match="sigma must be > 0.*-1"):
-        vlm_tools.explain(m, proc, imgs[0], PROMPTS[0], "center", sigma=-1.0)
-    with pytest.raises(ValueError, match="got 1 answers for 2 samples"):
-        vlm_tools.explain(m, proc, imgs, PROMPTS, "center", answers=["red"])
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        vlm_tools.explain(m, proc, imgs[0], PROMPTS[0], "center", max_new_tokens=0)
+    kept = []  # the tracebacks stay alive (as in a notebook): hooks must be gone without garbage collection
+
+    def check(exc, match, *args, **kwargs):
+        with pytest.raises(exc, match=match) as raised:
+            vlm_tools.explain(*args, **kwargs)
+        kept.append(raised)
+        assert find_hooks(m) == [], match
+
+    check(TypeError, "unsupported model Linear.*supports", nn.Linear(2, 2), proc, imgs[0], PROMPTS[0], "center")
+    # the method is checked before the image is read
+    check(KeyError, "unknown explain method 'nope'.*center.*random", m, proc, bad, PROMPTS[0], "nope")
+    check(ValueError, "broken_image.png", m, proc, [bad], [PROMPTS[0]], "center")
+    check(ValueError, "2 images and 1 prompts", m, proc, imgs, PROMPTS[:1], "center")
+    check(ValueError, "2 image placeholders", m, proc, imgs[0], "<image> <image> what", "center")
+    # a plain question goes through the chat template, which the tiny processor lacks
+    check(ValueError, "no image placeholder", m, proc, imgs[0], "what is it", "center")
+    one = (m, proc, imgs[0], PROMPTS[0], "center")
+    check(ValueError, r"token 'dog' is not in the answer.*\['bottom', 'show', 'red', 'circle'\]", *one,
+          answers=ANSWERS[0], tokens=["circle", "dog"])
+    check(ValueError, "token index 4 is outside the answer", *one, answers=ANSWERS[0], tokens=4)
+    check(ConfigError, "unknown config field.*sigmaa.*valid fields: sigma", *one, sigmaa=1.0)
+    check(ValueError, "sigma must be > 0.*-1", m, proc, imgs[0], PROMPTS[0], "center", sigma=-1.0)
+    check(ValueError, "got 1 answers for 2 samples", m, proc, imgs, PROMPTS, "center", answers=["red"])
+    check(ValueError, "max_new_tokens", m, proc, imgs[0], PROMPTS[0], "center", max_new_tokens=0)
     assert find_hooks(m) == []
 
 
@@ -218,10 +218,11 @@ def test_an_exception_inside_a_method_leaves_no_hooks(tiny, monkeypatch):
         return []
 
     _register_probe(monkeypatch, attribute)
-    with pytest.raises(RuntimeError, match="boom inside a forward pass"):
+    with pytest.raises(RuntimeError, match="boom inside a forward pass") as raised:
         vlm_tools.explain(m, tiny.processor, make_images(), PROMPTS, "test_probe", answers=ANSWERS)
     assert seen and seen[0] > 0
-    assert find_hooks(m) == []
+    # the traceback (kept here, as a notebook keeps it) holds the call's frames: the hooks must be gone regardless
+    assert raised.tb is not None and find_hooks(m) == []
 
 
 def test_maps_on_another_frame_need_their_pruned_cells(tiny_llava, monkeypatch):
