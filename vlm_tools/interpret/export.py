@@ -36,11 +36,20 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from vlm_tools.core.io import (ensure_writable_dir, figure_png, image_png, plain_text, png_data_uri, pyplot,
-                               replace_dir_atomic, write_bytes_atomic, write_text_atomic)
+from vlm_tools.core.io import (
+    ensure_writable_dir,
+    figure_png,
+    image_png,
+    plain_text,
+    png_data_uri,
+    pyplot,
+    replace_dir_atomic,
+    write_bytes_atomic,
+    write_text_atomic,
+)
 
-__all__ = ["save_explanation", "load_explanation", "overlay_file_names", "FORMAT", "ARRAYS", "IMAGE_FILE",
-           "MAPS_FILE", "JSON_FILE", "SUMMARY_FILE", "REPORT_FILE", "OVERLAY_SIDE", "OVERLAY_MARGINS", "SHEET_SIDE"]
+__all__ = ["ARRAYS", "FORMAT", "IMAGE_FILE", "JSON_FILE", "MAPS_FILE", "OVERLAY_MARGINS", "OVERLAY_SIDE", "REPORT_FILE",
+           "SHEET_SIDE", "SUMMARY_FILE", "load_explanation", "overlay_file_names", "save_explanation"]
 
 FORMAT = "vlm_tools.explanation/1"
 ARRAYS = {"maps": np.float32, "pruned": np.bool_, "answer_ids": np.int64, "targets": np.int64,
@@ -212,6 +221,14 @@ def _pruned_legend(exp: Any) -> str:
             else f"grid {rows}x{cols}; no pruned cells")
 
 
+def _rgb_png(fig: Any) -> bytes:
+    """A figure as an RGB PNG (no alpha channel: a quarter smaller)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(figure_png(fig, dpi=_DPI))) as img:
+        return image_png(img.convert("RGB"))
+
+
 def _overlay_png(exp: Any, i: int, picture: np.ndarray, lo: float, hi: float) -> bytes:
     import matplotlib
     from matplotlib.patches import Rectangle
@@ -234,7 +251,7 @@ def _overlay_png(exp: Any, i: int, picture: np.ndarray, lo: float, hi: float) ->
         fig.add_artist(Rectangle((left / fw, 5 / fh), 14 / fw, 12 / fh, transform=fig.transFigure, hatch="////",
                                  facecolor="0.55", edgecolor="0.3", linewidth=0.5))
     fig.text((left + 20) / fw, 6 / fh, _pruned_legend(exp), ha="left", va="bottom", fontsize=7)
-    return figure_png(fig, dpi=_DPI)
+    return _rgb_png(fig)
 
 
 def _caption_lines(exp: Any, width: int) -> list[str]:
@@ -274,7 +291,7 @@ def _summary_png(exp: Any) -> bytes:
         fig.text(x / sheet_w, (y + h + 4) / sheet_h, plain_text(title), ha="left", va="bottom", fontsize=8)
     fig.text(gap / sheet_w, (caption_h - 6) / sheet_h, plain_text("\n".join(lines)), ha="left", va="top",
              fontsize=8, linespacing=1.3)
-    return figure_png(fig, dpi=_DPI)
+    return _rgb_png(fig)
 
 
 # -- report.html ----------------------------------------------------------------------------------------------------
@@ -296,7 +313,7 @@ table.scores td{padding:1px 8px 1px 0;font-family:monospace}
 
 
 def _hex(rgba: Any) -> str:
-    r, g, b = (int(round(255 * float(v))) for v in rgba[:3])
+    r, g, b = (round(255 * float(v)) for v in rgba[:3])
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
@@ -359,7 +376,7 @@ def _render_html(exp: Any, overlay_pngs: list[bytes]) -> str:
                 rgb = "220,40,40" if v >= 0 else "40,80,220"
                 spans.append(f'<span style="background:rgba({rgb},{a:.3f})" title="{esc(_fmt(v))}">'
                              f'{esc(_chip_text(text))}</span>')
-            strip = (f'<p>Text relevance (red positive, blue negative; full colour = |{esc(_fmt(top))}|):</p>'
+            strip = (f'<p>Text relevance (red positive, blue negative; full colour at |value| = {esc(_fmt(top))}):</p>'
                      f'<div class="strip">{"".join(spans)}</div>')
         else:
             strip = "<p>No text relevance (zero for every text token: the method has no text branch).</p>"
@@ -467,7 +484,8 @@ def _read_json(path: Path) -> dict:
     for key, kind in (("config", dict), ("metadata", dict), ("scores", dict), ("files", dict), ("arrays", dict),
                       ("method", str), ("prompt", str), ("answer", str)):
         if not isinstance(record[key], kind):
-            raise ValueError(f"{path}: entry {key!r} must be a {kind.__name__}, got {type(record[key]).__name__}")
+            raise ValueError(  # noqa: TRY004 - a bad file is a ValueError naming it
+                f"{path}: entry {key!r} must be a {kind.__name__}, got {type(record[key]).__name__}")
     for key in ("answer_tokens", "tokens", "text_tokens"):
         value = record[key]
         if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
@@ -492,7 +510,7 @@ def _read_npz(path: Path, expected: Mapping[str, Any], json_path: Path) -> dict[
             if missing:
                 raise ValueError(f"lacks the arrays {missing}")
             arrays = {k: npz[k] for k in ARRAYS}
-    except Exception as exc:  # a damaged zip raises zipfile, zlib, OS or value errors
+    except Exception as exc:  # noqa: BLE001 - a damaged zip raises zipfile, zlib, OS or value errors
         raise ValueError(f"cannot read {path}: {exc}") from None
     for k, dtype in ARRAYS.items():
         a = arrays[k]
@@ -513,7 +531,7 @@ def _read_image(path: Path) -> Any:
         with Image.open(path) as img:
             img.load()
             return img.copy()
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
+    except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for damaged files
         raise ValueError(f"cannot read {path}: {exc}") from None
 
 
