@@ -8,7 +8,8 @@ JSON of another):
 - `token_00_<name>.png`, one per explained token: the map in image pixels (`Explanation.maps_in_pixels`, bilinear)
   as a jet overlay on the image, each token scaled to its own min..max over the cells the model saw, pruned cells
   grey-hatched, a colour bar, the token as title. The image panel is the image scaled to `OVERLAY_SIDE` pixels on
-  its long side; the PNG is the panel plus `OVERLAY_MARGINS` (left, top, right, bottom) pixels;
+  its long side; the PNG is the panel plus `OVERLAY_MARGINS` (left, top, right, bottom) pixels, 256 colours
+  (dithered) to stay small;
 - `summary.png`: every token's overlay on one sheet (panels of `SHEET_SIDE` pixels) with the prompt and the answer;
 - `maps.npz`: the arrays (`ARRAYS`), plain `np.savez` (no pickled objects);
 - `explanation.json`: every other field; tuples become lists, non-finite floats `null`;
@@ -221,12 +222,14 @@ def _pruned_legend(exp: Any) -> str:
             else f"grid {rows}x{cols}; no pruned cells")
 
 
-def _rgb_png(fig: Any) -> bytes:
-    """A figure as an RGB PNG (no alpha channel: a quarter smaller)."""
+def _small_png(fig: Any) -> bytes:
+    """A figure as a 256-colour PNG (octree palette, Floyd-Steinberg dithered): a third of the RGB file's size."""
     from PIL import Image
 
     with Image.open(io.BytesIO(figure_png(fig, dpi=_DPI))) as img:
-        return image_png(img.convert("RGB"))
+        rgb = img.convert("RGB")
+    palette = rgb.quantize(256, method=Image.Quantize.FASTOCTREE)
+    return image_png(rgb.quantize(palette=palette, dither=Image.Dither.FLOYDSTEINBERG))
 
 
 def _overlay_png(exp: Any, i: int, picture: np.ndarray, lo: float, hi: float) -> bytes:
@@ -251,7 +254,7 @@ def _overlay_png(exp: Any, i: int, picture: np.ndarray, lo: float, hi: float) ->
         fig.add_artist(Rectangle((left / fw, 5 / fh), 14 / fw, 12 / fh, transform=fig.transFigure, hatch="////",
                                  facecolor="0.55", edgecolor="0.3", linewidth=0.5))
     fig.text((left + 20) / fw, 6 / fh, _pruned_legend(exp), ha="left", va="bottom", fontsize=7)
-    return _rgb_png(fig)
+    return _small_png(fig)
 
 
 def _caption_lines(exp: Any, width: int) -> list[str]:
@@ -291,7 +294,7 @@ def _summary_png(exp: Any) -> bytes:
         fig.text(x / sheet_w, (y + h + 4) / sheet_h, plain_text(title), ha="left", va="bottom", fontsize=8)
     fig.text(gap / sheet_w, (caption_h - 6) / sheet_h, plain_text("\n".join(lines)), ha="left", va="top",
              fontsize=8, linespacing=1.3)
-    return _rgb_png(fig)
+    return _small_png(fig)
 
 
 # -- report.html ----------------------------------------------------------------------------------------------------
@@ -457,6 +460,7 @@ def save_explanation(exp: Any, directory: str | os.PathLike) -> Path:
     arrays = _npz_bytes(exp)
 
     def fill(folder: Path) -> None:
+        folder.chmod(0o755)  # a temporary folder is private (0o700); the files are 0o644
         if image is not None:
             write_bytes_atomic(folder / IMAGE_FILE, image_png(image))
         for name, png in zip(overlays, overlay_pngs):
