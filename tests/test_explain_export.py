@@ -292,6 +292,24 @@ def test_unstorable_metadata_is_named(tmp_path, grey_image):
     assert not (tmp_path / "u").exists()
 
 
+def test_usetex_of_the_caller_is_not_used(tmp_path, grey_image):
+    import matplotlib
+
+    with matplotlib.rc_context({"text.usetex": True}):  # without LaTeX installed, any drawn text would fail
+        folder = _explanation(grey_image).save(tmp_path / "t")
+    assert (folder / "summary.png").is_file()
+
+
+def test_bad_geometry_is_named(tmp_path, grey_image):
+    with pytest.raises(ValueError, match="image_size"):
+        _explanation(grey_image, image_size=(0, 90)).save(tmp_path / "g")
+    with pytest.raises(ValueError, match="box"):
+        _explanation(grey_image, box=(10.0, 0.0, 10.0, 90.0)).save(tmp_path / "g")
+    with pytest.raises(TypeError, match="PIL"):
+        _explanation(np.zeros((90, 160, 3), np.uint8)).save(tmp_path / "g")
+    assert not (tmp_path / "g").exists()
+
+
 def test_overlay_file_names():
     assert overlay_file_names(["<&$x$", " cat", "", "é", "a b/c"]) == [
         "token_00_x.png", "token_01_cat.png", "token_02_tok.png", "token_03_tok.png", "token_04_a_b_c.png"]

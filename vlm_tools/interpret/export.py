@@ -433,7 +433,8 @@ def save_explanation(exp: Any, directory: str | os.PathLike) -> Path:
     Raises:
         FileExistsError: `directory` is a file, or a folder with other files.
         OutputDirError: the parent folder cannot be written.
-        TypeError: a config or metadata value JSON cannot hold (the message names it).
+        TypeError: a config or metadata value JSON cannot hold (the message names it), an image that is not PIL.
+        ValueError: a non-positive `image_size` or an empty `box`.
     """
     target = Path(directory)
     if target.exists():
@@ -443,6 +444,12 @@ def save_explanation(exp: Any, directory: str | os.PathLike) -> Path:
         if other:
             raise FileExistsError(f"{target} holds files other than an explanation's ({other[:3]}); saving replaces "
                                   "the folder as a whole, so give a new folder or one written by save")
+    w, h = exp.image_size
+    x0, y0, x1, y1 = exp.box
+    if not (int(w) == w > 0 and int(h) == h > 0):
+        raise ValueError(f"Explanation.image_size must be a positive (width, height), got {exp.image_size!r}")
+    if not (x1 > x0 and y1 > y0 and all(math.isfinite(float(v)) for v in exp.box)):
+        raise ValueError(f"Explanation.box must be a finite (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {exp.box!r}")
     ensure_writable_dir(target.parent)
     image = _rgb_image(exp)
     if image is not None and image.mode not in _PNG_MODES:
