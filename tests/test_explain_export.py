@@ -121,6 +121,7 @@ def test_report_escapes_text_and_is_self_contained(saved):
     assert page.count('class="chip"') == 3 + 3  # 3 coloured answer chips + 3 section titles
     assert page.count('class="chip plain"') == 1  # the unexplained answer token
     assert "6 of 48" in page  # pruned-cell legend
+    assert "default-src 'none'; img-src data:;" in page.replace("&#x27;", "'")  # the browser loads nothing else
 
 
 class _Tags(HTMLParser):
@@ -209,12 +210,17 @@ def test_portrait_image_without_pruning(tmp_path):
     assert "0 of 48" in (folder / "report.html").read_text()
 
 
-def test_no_image(tmp_path):
-    exp = _explanation(None)
+def test_no_image_and_a_nan_relevance(tmp_path):
+    rel = np.ones((3, 5), np.float32)
+    rel[0, 2] = np.nan
+    exp = _explanation(None, text_relevance=rel)
     folder = exp.save(tmp_path / "n")
     assert not (folder / "image.png").exists()
     back = Explanation.load(folder)
     assert back.image is None and np.array_equal(back.maps, exp.maps)
+    assert back.text_relevance.tobytes() == rel.tobytes()  # NaN kept bit for bit
+    page = (folder / "report.html").read_text()
+    assert page.count('title="nan"') == 1 and page.count("rgba(220,40,40,1.000)") == 14
 
 
 def test_damaged_files_are_named(tmp_path, grey_image):

@@ -209,7 +209,7 @@ def _composites(exp: Any, side: int) -> list[np.ndarray]:
 
 def _show_token(token: str, limit: int = 40) -> str:
     """A token for a title: quoted (leading spaces visible), newlines shown as `\\n`, cut at `limit` characters."""
-    s = repr(str(token))[1:-1]
+    s = str(token).replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
     if len(s) > limit:
         s = s[: limit - 1] + "…"
     return f"'{s}'"
@@ -315,6 +315,10 @@ table.scores td{padding:1px 8px 1px 0;font-family:monospace}
 """
 
 
+# the browser itself refuses anything but the inlined images and the inline style (no scripts, fonts, requests)
+_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+
+
 def _hex(rgba: Any) -> str:
     r, g, b = (round(255 * float(v)) for v in rgba[:3])
     return f"#{r:02x}{g:02x}{b:02x}"
@@ -371,13 +375,16 @@ def _render_html(exp: Any, overlay_pngs: list[bytes]) -> str:
     sections = []
     for i, (tok, png) in enumerate(zip(exp.tokens, overlay_pngs)):
         rel = exp.text_relevance[i]
-        top = float(np.abs(rel).max()) if rel.size else 0.0
+        finite = rel[np.isfinite(rel)]
+        top = float(np.abs(finite).max()) if finite.size else 0.0
         if top > 0:
             spans = []
             for text, v in zip(exp.text_tokens, rel.tolist()):
-                a = abs(v) / top
-                rgb = "220,40,40" if v >= 0 else "40,80,220"
-                spans.append(f'<span style="background:rgba({rgb},{a:.3f})" title="{esc(_fmt(v))}">'
+                if not math.isfinite(v):
+                    colour = "#ccc"
+                else:
+                    colour = f"rgba({'220,40,40' if v >= 0 else '40,80,220'},{abs(v) / top:.3f})"
+                spans.append(f'<span style="background:{colour}" title="{esc(_fmt(v))}">'
                              f'{esc(_chip_text(text))}</span>')
             strip = (f'<p>Text relevance (red positive, blue negative; full colour at |value| = {esc(_fmt(top))}):</p>'
                      f'<div class="strip">{"".join(spans)}</div>')
@@ -413,6 +420,7 @@ def _render_html(exp: Any, overlay_pngs: list[bytes]) -> str:
               "explained.</p>")
     meta = f"<h2>Metadata</h2><pre>{dump(exp.metadata)}</pre>"
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
             f"<title>{esc(f'Explanation: {exp.method}')}</title><style>{_CSS}</style></head><body>"
             f"{header}{answer}{legend}{''.join(sections)}{meta}</body></html>\n")
 
