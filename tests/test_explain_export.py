@@ -8,6 +8,8 @@ the folder is replaced as a set.
 
 from __future__ import annotations
 
+import os
+
 import base64
 import json
 import re
@@ -277,7 +279,9 @@ def test_folder_is_replaced_as_a_set(tmp_path, grey_image):
     one.save(folder)  # fewer tokens: no stale overlay of the earlier export stays
     assert sorted(p.name for p in folder.glob("token_*")) == ["token_00_cat.png"]
     assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no temporary left beside it
-    assert folder.stat().st_mode & 0o777 == 0o755
+    umask = os.umask(0)
+    os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask  # a normal folder's mode, not mkdtemp's 0o700
     assert "No text relevance" in (folder / "report.html").read_text()
 
     other = tmp_path / "mine"

@@ -475,7 +475,6 @@ def save_explanation(exp: Any, directory: str | os.PathLike) -> Path:
     arrays = _npz_bytes(exp)
 
     def fill(folder: Path) -> None:
-        folder.chmod(0o755)  # a temporary folder is private (0o700); the files are 0o644
         if image is not None:
             write_bytes_atomic(folder / IMAGE_FILE, image_png(image))
         for name, png in zip(overlays, overlay_pngs):
