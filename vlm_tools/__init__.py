@@ -21,6 +21,7 @@ _LAZY = {
     "get_adapter": "vlm_tools.core.adapters",
     "explain": "vlm_tools.interpret.api",
     "dominance": "vlm_tools.analysis",
+    "reliability": "vlm_tools.interpret.reliability",
     "load_default": "vlm_tools.assets.default_model",
     "default_model_path": "vlm_tools.assets.default_model",
 }
