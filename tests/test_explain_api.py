@@ -16,6 +16,7 @@ from vlm_tools.core.config import ConfigError
 from vlm_tools.core.hooks import HookHandle, find_hooks
 from vlm_tools.interpret.base import Attribution, ExplainConfig, Explainer
 from vlm_tools.interpret.explanation import Explanation
+from vlm_tools.interpret.frame import ImageFrame
 from vlm_tools.testing import PROMPTS, make_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -206,7 +207,7 @@ def test_an_exception_inside_a_method_leaves_no_hooks(tiny, monkeypatch):
     seen = []
 
     def attribute(self, ctx):
-        ctx.clean  # a pass through the wrapper: its hooks are on the model now
+        assert ctx.clean.logits.shape[0] == 2  # a pass through the wrapper: its hooks are on the model now
         seen.append(len(find_hooks(m)))
 
         def boom(module, args):
@@ -225,28 +226,35 @@ def test_an_exception_inside_a_method_leaves_no_hooks(tiny, monkeypatch):
     assert raised.tb is not None and find_hooks(m) == []
 
 
-def test_maps_on_another_frame_need_their_pruned_cells(tiny_llava, monkeypatch):
-    """A method whose maps lie on a finer frame (multi-scale) gives `Attribution.pruned`; without it: a clear error."""
+def test_maps_on_another_frame_come_with_it(tiny_llava, monkeypatch):
+    """A method whose maps lie on a finer frame (multi-scale) returns it as `Attribution.frame`: the Explanation
+    takes its pruned cells and box; maps off the clean frame without it: a clear error."""
     give = []
 
     def attribute(self, ctx):
         out = []
         for sample, frame in zip(ctx.samples, ctx.frames()):
             t = int(sample.targets.numel())
-            maps = torch.ones(t, 2 * frame.rows, 2 * frame.cols)
-            pruned = torch.zeros(2 * frame.rows, 2 * frame.cols, dtype=torch.bool)
+            rows, cols = 2 * frame.rows, 2 * frame.cols
+            pruned = torch.zeros(rows, cols, dtype=torch.bool)
             pruned[0, 0] = True
+            fine = ImageFrame(rows=rows, cols=cols, positions=torch.zeros(0, dtype=torch.long),
+                              weight=torch.zeros(rows * cols, 0), pruned=pruned,
+                              cells=torch.zeros(0, rows * cols, dtype=torch.bool), box=(1.0, 2.0, 30.0, 40.0),
+                              image_size=frame.image_size)
+            maps = torch.ones(t, rows, cols)
             maps[:, pruned] = 0
-            out.append(Attribution(maps=maps, pruned=pruned if give else None))
+            out.append(Attribution(maps=maps, frame=fine if give else None))
         return out
 
     _register_probe(monkeypatch, attribute)
     args = (tiny_llava.model, tiny_llava.processor, make_images()[0], PROMPTS[0], "test_probe")
-    with pytest.raises(RuntimeError, match=r"not on the clean pass's frame \(8, 8\).*no pruned cells"):
+    with pytest.raises(RuntimeError, match=r"\(16, 16\), not on the clean pass's frame.*Attribution.frame.*\(8, 8\)"):
         vlm_tools.explain(*args, answers=ANSWERS[0])
     give.append(True)
     exp = vlm_tools.explain(*args, answers=ANSWERS[0])
     assert exp.grid == (16, 16) and exp.pruned[0, 0] and exp.pruned.sum() == 1
+    assert exp.box == (1.0, 2.0, 30.0, 40.0)
     assert find_hooks(tiny_llava.model) == []
 
 
@@ -288,6 +296,27 @@ def test_cli_explains_a_saved_model_folder(tiny_folder, tmp_path):
     exp = explain_from_args(args)
     assert exp.tokens == ["bottom", "circle"] and exp.config == {"seed": 5}
     assert int(exp.pruned.sum()) == 64 - 16 and exp.metadata["model_path"] == str(tiny_folder)
+
+
+def test_cli_writes_the_explanation_folder(tiny_folder, tmp_path, capsys):
+    """`vlm-tools explain` end to end: the folder loads back as the Explanation the call made."""
+    from vlm_tools.cli import build_parser, main
+    from vlm_tools.interpret.cli import explain_from_args
+
+    img = tmp_path / "img.png"
+    make_images()[1].save(img)
+    argv = ["explain", "--model", str(tiny_folder), "--image", str(img), "--prompt", PROMPTS[1], "--method",
+            "center", "--max-new-tokens", "3", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "answer:" in out and str(tmp_path / "out") in out
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"maps.npz", "explanation.json", "report.html", "summary.png"} <= files
+    loaded = Explanation.load(tmp_path / "out")
+    again = explain_from_args(build_parser().parse_args(argv))  # the same call in-process
+    assert loaded.prompt == PROMPTS[1] == again.prompt
+    assert loaded.tokens == again.tokens and np.array_equal(loaded.maps, again.maps)
+    assert loaded.metadata["model_path"] == str(tiny_folder)
 
 
 def test_cli_bad_input_exits_2(tiny_folder, tmp_path, capsys):

@@ -66,6 +66,8 @@ def explain(model: nn.Module | WrappedModel, processor: Any, images: Any, prompt
     from vlm_tools.interpret.forcing import as_wrapped, generate_answers, load_images
 
     start = time.perf_counter()
+    if isinstance(model, WrappedModel) and not model.is_wrapped:
+        raise ValueError("this WrappedModel was unwrapped; pass its base model (wrapper.model) or wrap it again")
     base = model.model if isinstance(model, WrappedModel) else model
     get_adapter(base)  # an unsupported model raises here, naming the supported families
     info = get_explainer(method)
@@ -263,9 +265,10 @@ def _metadata_common(base: nn.Module, method: str, config: dict, pruning: list, 
 
 def _assemble(method: str, config: dict, tok: Any, sample: ExplainSample, att: Attribution, frame: ImageFrame,
               text_ids: list[int], metadata: dict, s: int) -> Explanation:
-    """One sample's `Explanation` from its `Attribution` (shapes checked, naming the method)."""
+    """One sample's `Explanation` from its `Attribution` (on `frame`, the clean pass's, unless the attribution
+    gives its own; shapes checked, naming the method)."""
     if not isinstance(att, Attribution):
-        raise RuntimeError(f"explain method {method!r} returned {type(att).__name__} for sample {s}, not an "
+        raise TypeError(f"explain method {method!r} returned {type(att).__name__} for sample {s}, not an "
                            "Attribution")
     targets = sample.targets.tolist()
     t = len(targets)
@@ -273,16 +276,14 @@ def _assemble(method: str, config: dict, tok: Any, sample: ExplainSample, att: A
     if maps.dim() != 3 or maps.shape[0] != t:
         raise RuntimeError(f"explain method {method!r}: sample {s} maps must be (tokens={t}, rows, cols), got "
                            f"{tuple(maps.shape)}")
-    if att.pruned is not None:
-        pruned = torch.as_tensor(att.pruned).detach().bool().cpu()
-        if tuple(pruned.shape) != tuple(maps.shape[1:]):
-            raise RuntimeError(f"explain method {method!r}: sample {s} pruned cells {tuple(pruned.shape)} do not "
-                               f"match its maps {tuple(maps.shape[1:])}")
-    elif tuple(maps.shape[1:]) == frame.shape:
-        pruned = frame.pruned
-    else:
-        raise RuntimeError(f"explain method {method!r}: sample {s} maps are {tuple(maps.shape[1:])}, not on the clean "
-                           f"pass's frame {frame.shape}, and its Attribution gives no pruned cells")
+    if att.frame is not None:  # the method's own frame (e.g. msea's finest scale)
+        frame = att.frame
+    if tuple(maps.shape[1:]) != frame.shape:
+        where = ("its Attribution.frame" if att.frame is not None else
+                 "the clean pass's frame (maps on another frame come with it as Attribution.frame)")
+        raise RuntimeError(f"explain method {method!r}: sample {s} maps are {tuple(maps.shape[1:])}, not on {where} "
+                           f"{frame.shape}")
+    pruned = frame.pruned.detach().bool().cpu()
     if not bool(torch.isfinite(maps).all()):
         raise RuntimeError(f"explain method {method!r}: sample {s} maps are not finite")
     n_text = len(text_ids)
@@ -304,7 +305,7 @@ def _assemble(method: str, config: dict, tok: Any, sample: ExplainSample, att: A
     answer_tokens = [_decode(tok, [i]) for i in ids]
     return Explanation(
         method=method, config=config, prompt=sample.prompt,
-        answer=tok.decode(ids, skip_special_tokens=True), answer_ids=sample.answer_ids.numpy(),
+        answer=tok.decode(ids, skip_special_tokens=True).strip(), answer_ids=sample.answer_ids.numpy(),
         answer_tokens=answer_tokens, targets=sample.targets.numpy(), tokens=[answer_tokens[i] for i in targets],
         maps=maps.numpy(), pruned=pruned.numpy(), text_tokens=[_decode(tok, [i]) for i in text_ids],
         text_relevance=text.numpy(), box=tuple(float(v) for v in frame.box),

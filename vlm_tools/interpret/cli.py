@@ -22,7 +22,7 @@ from typing import Any
 
 from vlm_tools.loading import cli_prompt, load_model
 
-__all__ = ["register_cli", "parse_sets", "parse_tokens", "explain_from_args"]
+__all__ = ["explain_from_args", "parse_sets", "parse_tokens", "register_cli"]
 
 
 def parse_sets(items: list[str] | None) -> dict[str, str]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from vlm_tools._registry import register_explainer
-from vlm_tools.interpret.base import Attribution, ExplainConfig, ExplainContext, ExplainSample, Explainer
+from vlm_tools.interpret.base import Attribution, ExplainConfig, ExplainContext, Explainer, ExplainSample
 
 __all__ = ["RandomConfig", "RandomExplainer", "sample_seed"]
 
