@@ -319,6 +319,19 @@ def test_cli_writes_the_explanation_folder(tiny_folder, tmp_path, capsys):
     assert loaded.metadata["model_path"] == str(tiny_folder)
 
 
+def test_cli_tiny_model_takes_a_plain_question(tmp_path):
+    from vlm_tools.cli import build_parser
+    from vlm_tools.interpret.cli import explain_from_args
+
+    img = tmp_path / "img.png"
+    make_images()[0].save(img)
+    exp = explain_from_args(build_parser().parse_args(
+        ["explain", "--model", "tiny_next", "--image", str(img), "--prompt", "what colour", "--method", "random",
+         "--answer", "red", "--out", str(tmp_path / "out")]))
+    assert exp.prompt == "<image> what colour" and exp.tokens == ["red"]
+    assert exp.maps.shape[1:] == (10, 16)  # LLaVA-NeXT's stitched frame of the 60 x 40 image
+
+
 def test_cli_bad_input_exits_2(tiny_folder, tmp_path, capsys):
     from vlm_tools.cli import main
 
