@@ -1,6 +1,6 @@
 """Grounding reliability on the default model: AUROC / AP for wrong and guessed answers, reliability per budget.
 
-Runs `vlm_tools.explain.reliability_eval.evaluate` (the `vlm-tools reliability-eval` verb) on a subset sized for a
+Runs `vlm_tools.interpret.reliability_eval.evaluate` (the `vlm-tools reliability-eval` verb) on a subset sized for a
 2-core CPU and writes the `reliability` section of RESULTS.md (and the full JSON next to it under out/).
 
     python benchmarks/reliability_eval.py --n-shapes 24 --n-photos 20 --n-guess 12 --threads 1
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from vlm_tools.assets.default_model import load_default
     from vlm_tools.core.io import write_json_atomic
-    from vlm_tools.explain.reliability_eval import evaluate, render_markdown
+    from vlm_tools.interpret.reliability_eval import evaluate, render_markdown
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,4 +1,4 @@
-"""Teacher forcing (vlm_tools.explain.forcing) and the core's `forced_tokens`: one answer, scored like generation."""
+"""Teacher forcing (vlm_tools.interpret.forcing) and the core's `forced_tokens`: one answer, scored like generation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import vlm_tools
 from vlm_tools.core.hooks import find_hooks
 from vlm_tools.core.wrapped import SequenceLayout
-from vlm_tools.explain.forcing import generate_answers, teacher_force
+from vlm_tools.interpret.forcing import generate_answers, teacher_force
 from vlm_tools.testing import PROMPTS, TinyCase, make_images
 
 LLM_STAGE = [("fastv", {"keep": 8, "layer": 1}), ("flowcut", {"keep": 8})]
@@ -39,7 +39,7 @@ def test_without_the_offset_the_last_answer_token_would_decide(next_case):
     with vlm_tools.attached(next_case.model, "fastv", keep=8, layer=1) as wrapped:
         answers = generate_answers(wrapped, next_case.processor, imgs, PROMPTS, max_new_tokens=4)
         generated = wrapped.last_trace.kept
-        from vlm_tools.explain.forcing import forced_inputs
+        from vlm_tools.interpret.forcing import forced_inputs
 
         batch = forced_inputs(next_case.processor, imgs, PROMPTS, answers)
         with torch.no_grad():
@@ -81,7 +81,7 @@ def test_masked_images_change_the_answer_scores_not_the_positions(next_case):
 
 
 def test_bad_inputs_are_clear(next_case, tmp_path):
-    from vlm_tools.explain.forcing import load_images
+    from vlm_tools.interpret.forcing import load_images
 
     bad = tmp_path / "not_an_image.png"
     bad.write_bytes(b"garbage")
@@ -96,4 +96,25 @@ def test_bad_inputs_are_clear(next_case, tmp_path):
     with pytest.raises(ValueError, match="forced_tokens"):
         with vlm_tools.attached(next_case.model, "none") as wrapped, torch.no_grad():
             wrapped(**next_case.singles[0], forced_tokens=[10_000])
+    assert find_hooks(next_case.model) == []
+
+
+def test_mask_positions_masks_exactly_the_given_visual_positions(next_case):
+    """All visual positions given == mask_images; a subset changes the scores less; non-visual positions raise."""
+    imgs = make_images()
+    answers = generate_answers(next_case.model, next_case.processor, imgs, PROMPTS, max_new_tokens=3)
+    clean = teacher_force(next_case.model, next_case.processor, imgs, PROMPTS, answers, hidden_states=False)
+    full = teacher_force(next_case.model, next_case.processor, imgs, PROMPTS, answers, hidden_states=False,
+                         mask_images=True)
+    every = [lay.visual_positions() for lay in clean.layouts]
+    same = teacher_force(next_case.model, next_case.processor, imgs, PROMPTS, answers, hidden_states=False,
+                         mask_positions=every)
+    assert torch.equal(same.logits, full.logits)
+    half = [v[: v.numel() // 2] for v in every]
+    part = teacher_force(next_case.model, next_case.processor, imgs, PROMPTS, answers, hidden_states=False,
+                         mask_positions=half)
+    assert not torch.allclose(part.logits, clean.logits) and not torch.allclose(part.logits, full.logits)
+    text = [torch.nonzero(lay.kind == SequenceLayout.TEXT).flatten()[:1] for lay in clean.layouts]
+    with pytest.raises(ValueError, match="visual positions"):
+        teacher_force(next_case.model, next_case.processor, imgs, PROMPTS, answers, mask_positions=text)
     assert find_hooks(next_case.model) == []

@@ -9,7 +9,7 @@ import vlm_tools
 from vlm_tools.core.hooks import find_hooks
 from vlm_tools.core.models import build_tiny_llava
 from vlm_tools.core.wrapped import SequenceLayout
-from vlm_tools.explain.forcing import forced_inputs, generate_answers, teacher_force
+from vlm_tools.interpret.forcing import forced_inputs, generate_answers, teacher_force
 from vlm_tools.testing import PROMPTS, make_images
 
 

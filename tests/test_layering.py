@@ -12,7 +12,7 @@ from pathlib import Path
 import vlm_tools
 
 ROOT = Path(vlm_tools.__file__).resolve().parent
-METHOD_PACKAGES = ("vlm_tools.pruning", "vlm_tools.registers", "vlm_tools.explain", "vlm_tools.integrations")
+METHOD_PACKAGES = ("vlm_tools.pruning", "vlm_tools.registers", "vlm_tools.interpret", "vlm_tools.integrations")
 
 
 def _module_name(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""Grounding reliability (vlm_tools.explain.reliability) on tiny LLaVA / LLaVA-NeXT models, against hand computations."""
+"""Grounding reliability (vlm_tools.interpret.reliability) on tiny LLaVA / LLaVA-NeXT models, against hand computations."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import vlm_tools
 from vlm_tools.core.adapters import get_adapter
 from vlm_tools.core.hooks import HookHandle, find_hooks, hook_snapshot
 from vlm_tools.core.models import build_tiny_llava
-from vlm_tools.explain.forcing import forced_inputs, teacher_force
-from vlm_tools.explain.reliability import GROUNDING_FEATURES, Combiner, Reliability, reliability
+from vlm_tools.interpret.forcing import forced_inputs, teacher_force
+from vlm_tools.interpret.reliability import GROUNDING_FEATURES, Combiner, Reliability, reliability
 from vlm_tools.testing import PROMPTS, make_images
 
 ANSWERS = ["bottom show bottom", "photo right"]
@@ -318,7 +318,7 @@ def test_eval_tables_on_tiny_results(pair, one_thread):
     """The reliability-eval tables: cross-fitted detectors, AUROC against sklearn on a hand-built score."""
     from sklearn.metrics import roc_auc_score
 
-    from vlm_tools.explain.reliability_eval import DETECTORS, EvalItem, budget_table, detection_table, render_markdown
+    from vlm_tools.interpret.reliability_eval import DETECTORS, EvalItem, budget_table, detection_table, render_markdown
 
     model, _, processor = pair
     results = _results(model, processor, n=8)

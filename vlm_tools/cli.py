@@ -11,16 +11,19 @@ CLI_MODULES: tuple[str, ...] = (
     "vlm_tools.assets.cli",
     "vlm_tools.demo.cli",
     "vlm_tools.analysis.cli",
-    "vlm_tools.explain.reliability_cli",
+    "vlm_tools.interpret.cli",
+    "vlm_tools.interpret.reliability_cli",
     "vlm_tools.integrations.eval_cli",
     "vlm_tools.registers.cli",
 )
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    from vlm_tools._registry import list_methods
+    from vlm_tools._registry import EXPLAIN, list_methods
 
     methods = list_methods(kind=args.kind)
+    if args.kind is None:  # wrap methods, then attribution methods (`vlm_tools.explain`)
+        methods = methods + list_methods(EXPLAIN)
     width = max(len(m.name) for m in methods)
     for m in methods:
         print(f"{m.name:<{width}}  {m.kind:<9}  {m.description}")
@@ -31,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm-tools", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("methods", help="list the registered methods with one-line descriptions")
-    p.add_argument("--kind", choices=["vision", "projector", "llm", "modifier"], default=None)
+    p.add_argument("--kind", choices=["vision", "projector", "llm", "modifier", "explain"], default=None)
     p.set_defaults(func=_cmd_methods)
     for mod in CLI_MODULES:
         importlib.import_module(mod).register_cli(sub)

@@ -40,7 +40,7 @@ def _cmd_dominance(args: argparse.Namespace) -> int:
     from vlm_tools.analysis.report import report_json
     from vlm_tools.core.io import ensure_writable_dir, write_bytes_atomic
     from vlm_tools.errors import UsageError
-    from vlm_tools.explain.forcing import load_images
+    from vlm_tools.interpret.forcing import load_images
 
     if args.ratios and args.keep:
         raise UsageError("give --ratios or --keep, not both")

@@ -465,6 +465,21 @@ class ModelAdapter(ABC):
     def pack(self, projected: list[torch.Tensor], kept: list[torch.Tensor], plan: VisionPlan) -> list[torch.Tensor]:
         """Arrange the projected kept features of each row into the LLM token sequence of each image."""
 
+    @abstractmethod
+    def frame_cells(self, image_size: tuple[int, int], grid: tuple[int, int]) -> list[torch.Tensor]:
+        """Where the patch tokens of one image sit on the image: the cells of its map frame.
+
+        Args:
+            image_size: the original image's `(height, width)` in pixels.
+            grid: the patch grid `(rows, cols)` of one crop in the call (`Trace.grid`).
+
+        Returns:
+            One or more `(R, C)` LongTensors over the same frame: for each cell, the patch index
+            (`crop * n_patches + patch`, the numbering of `SequenceLayout.patch`) of the token covering it. LLaVA-1.5:
+            one tensor, the crop's grid. LLaVA-NeXT: the stitched anyres tiles after HF's unpadding (the frame),
+            then the base crop's token covering each cell (bilinear-free nearest cover of the same image area).
+        """
+
     def plan(self, pixel_values: torch.Tensor, image_sizes, image_sample: list[int], keep: int | None,
              ratio: float | None, prune: bool) -> tuple[torch.Tensor, VisionPlan]:
         """Vision rows and the per-row budgets for a call (`keep` per image or `ratio` removed)."""
@@ -517,6 +532,9 @@ class LlavaAdapter(ModelAdapter):
 
     def pack(self, projected, kept, plan):
         return list(projected)
+
+    def frame_cells(self, image_size, grid):
+        return [torch.arange(grid[0] * grid[1]).view(grid[0], grid[1])]
 
 
 class LlavaNextAdapter(ModelAdapter):
@@ -618,6 +636,29 @@ class LlavaNextAdapter(ModelAdapter):
             packed_mask = self._pack_values(mask, i, plan.image_sizes, newline=1.0)[:, 0]
             out.append(packed[0][packed_mask > 0.5])
         return out
+
+
+    def frame_cells(self, image_size, grid):
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        cfg = self.model.config
+        crops = image_size_to_num_patches(image_size=list(image_size), grid_pinpoints=cfg.image_grid_pinpoints,
+                                          patch_size=cfg.vision_config.image_size)
+        n = grid[0] * grid[1]
+        idx = torch.arange(crops * n, dtype=torch.float64).view(crops, n, 1)
+        sizes = torch.tensor([list(image_size)])
+        packed = self._pack_values(idx, 0, sizes, newline=-1.0)[:, 0]
+        base = torch.arange(n).view(grid[0], grid[1])
+        tiles = packed[n:]
+        if tiles.numel() == 0:  # no anyres tiles: the base crop is the frame
+            return [base]
+        width = int(torch.nonzero(tiles < 0)[0, 0]) + 1  # one row of the stitched grid + its newline
+        frame = tiles.view(-1, width)[:, :-1].round().long()
+        rows, cols = frame.shape
+        # the base crop covers the whole (unpadded) image: nearest base cell of each frame cell's centre
+        br = ((torch.arange(rows) + 0.5) * grid[0] / rows).floor().long().clamp(max=grid[0] - 1)
+        bc = ((torch.arange(cols) + 0.5) * grid[1] / cols).floor().long().clamp(max=grid[1] - 1)
+        return [frame, base[br][:, bc]]
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:

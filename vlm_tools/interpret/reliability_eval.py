@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from vlm_tools.explain.reliability import Combiner, Reliability, reliability
+from vlm_tools.interpret.reliability import Combiner, Reliability, reliability
 
 __all__ = ["DETECTORS", "EvalItem", "detection_table", "render_markdown", "run_eval"]
 
@@ -178,7 +178,7 @@ def _timing(model, processor, image, question, mismatched, max_new_tokens, repea
     that also generates it, on one sample."""
     import torch
 
-    from vlm_tools.explain.forcing import generate_answers
+    from vlm_tools.interpret.forcing import generate_answers
     from vlm_tools.loading import format_prompt
 
     prompt = format_prompt(processor, question)

@@ -21,8 +21,8 @@ __all__ = ["register_cli", "register_eval_cli"]
 def _cmd_reliability(args: argparse.Namespace) -> int:
     from vlm_tools.core.io import ensure_writable_dir, write_json_atomic, write_text_atomic
     from vlm_tools.errors import UsageError
-    from vlm_tools.explain.forcing import load_images
-    from vlm_tools.explain.reliability import Combiner, reliability
+    from vlm_tools.interpret.forcing import load_images
+    from vlm_tools.interpret.reliability import Combiner, reliability
     from vlm_tools.loading import cli_prompt, load_model
 
     if (args.prune is None) != (args.keep is None):
@@ -100,7 +100,7 @@ def _cmd_reliability_eval(args: argparse.Namespace) -> int:
 
     from vlm_tools.core.io import ensure_writable_dir, write_json_atomic, write_text_atomic
     from vlm_tools.errors import UsageError
-    from vlm_tools.explain.reliability_eval import evaluate, render_markdown
+    from vlm_tools.interpret.reliability_eval import evaluate, render_markdown
     from vlm_tools.loading import load_model
 
     budgets = []
@@ -127,7 +127,7 @@ def _cmd_reliability_eval(args: argparse.Namespace) -> int:
 
 
 def register_eval_cli(subparsers: argparse._SubParsersAction) -> None:
-    from vlm_tools.explain import reliability_eval
+    from vlm_tools.interpret import reliability_eval
 
     p = subparsers.add_parser("reliability-eval", help="AUROC / AP of the reliability score for wrong and guessed "
                                                        "answers (shapes_vqa at pruning budgets, photos_yesno, "

@@ -2,7 +2,7 @@
 
 `reliability(model, processor, image, prompt)` says, per generated answer token, whether the model read it off the
 image or guessed it. The answer is generated once (or given), then teacher-forced under three conditions: exactly
-three forward passes per call, each batched over the samples (`vlm_tools.explain.forcing.teacher_force`):
+three forward passes per call, each batched over the samples (`vlm_tools.interpret.forcing.teacher_force`):
 
 1. clean: the image as given;
 2. image masked: `masked="attention"` (default) zeroes the attention mask over the image positions and keeps the
@@ -51,7 +51,7 @@ from torch import nn
 from vlm_tools.core.adapters import get_adapter
 from vlm_tools.core.attention import check_lm_attention
 from vlm_tools.core.wrapped import WrappedModel
-from vlm_tools.explain.forcing import ForcedPass, generate_answers, load_images, teacher_force
+from vlm_tools.interpret.forcing import ForcedPass, generate_answers, load_images, teacher_force
 
 __all__ = [
     "GROUNDING_FEATURES",

@@ -202,16 +202,26 @@ def forced_inputs(processor: Any, images: Sequence, prompts: Sequence[str],
     return batch
 
 
-def _mask_images_hook(module, args, kwargs, wrapper: WrappedModel):
-    """Pre-hook on the language model: zero the 2-D attention mask at every visual position of the call."""
+def _mask_images_hook(module, args, kwargs, wrapper: WrappedModel, positions: Sequence[torch.Tensor] | None):
+    """Pre-hook on the language model: zero the 2-D attention mask at the visual positions of the call (all of them,
+    or per sample the given `positions`, which must be visual positions)."""
     ctx = wrapper.context
     mask = kwargs.get("attention_mask")
     if ctx is None or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         return None
     mask = mask.clone()
     for s, runs in enumerate(ctx.lm_spans):
+        visual = torch.zeros(mask.shape[1], dtype=torch.bool, device=mask.device)
         for start, n, _ in runs:
-            mask[s, start:start + n] = 0
+            visual[start:start + n] = True
+        if positions is None:
+            mask[s, visual] = 0
+            continue
+        pos = torch.as_tensor(positions[s], dtype=torch.long, device=mask.device)
+        if pos.numel() and (pos.min() < 0 or pos.max() >= mask.shape[1] or not bool(visual[pos].all())):
+            raise ValueError(f"sample {s}: mask_positions must be visual positions of the sequence (0..."
+                             f"{mask.shape[1] - 1}, image tokens only)")
+        mask[s, pos] = 0
     return args, {**kwargs, "attention_mask": mask}
 
 
@@ -316,7 +326,7 @@ def _check_queries(attention_queries: Sequence[torch.Tensor], n_samples: int) ->
 @torch.no_grad()
 def teacher_force(model: nn.Module | WrappedModel, processor: Any, images: Sequence, prompts: Sequence[str],
                   answers: Sequence[torch.Tensor], *, hidden_states: bool = True,
-                  mask_images: bool = False,
+                  mask_images: bool = False, mask_positions: Sequence[torch.Tensor] | None = None,
                   attention_queries: Sequence[torch.Tensor] | None = None) -> ForcedPass:
     """One batched forward pass over `prompt + answer`, through the (wrapped) model.
 
@@ -329,6 +339,9 @@ def teacher_force(model: nn.Module | WrappedModel, processor: Any, images: Seque
         hidden_states: also return every layer's hidden states.
         mask_images: zero the attention mask over the image positions (position ids are unchanged: the
             forward pass numbers positions from 0 whatever the mask), the "image masked out" condition.
+        mask_positions: per sample, visual positions of the returned sequence to mask the same way (e.g. the
+            `ImageFrame.cells` of deleted map cells, taken from an earlier pass of the same inputs); exclusive with
+            `mask_images`.
         attention_queries: per sample, positions of the returned sequence whose attention rows to record; negative
             positions count from its end (`torch.arange(-T - 1, -1)` are the rows that predict a `T`-token answer,
             whatever pruning did to the length before it). The rows are recomputed in fp32
@@ -340,6 +353,10 @@ def teacher_force(model: nn.Module | WrappedModel, processor: Any, images: Seque
             layers before the drop also attended to removed positions, whose mass is not in the rows. A query
             position that a layer did not hold raises a `ValueError`.
     """
+    if mask_images and mask_positions is not None:
+        raise ValueError("pass mask_images=True (every visual position) or mask_positions, not both")
+    if mask_positions is not None and len(mask_positions) != len(answers):
+        raise ValueError(f"mask_positions holds {len(mask_positions)} entries for {len(answers)} samples")
     queries = None if attention_queries is None else _check_queries(attention_queries, len(prompts))
     inputs = forced_inputs(processor, images, prompts, answers)
     with as_wrapped(model) as wrapped:
@@ -347,9 +364,9 @@ def teacher_force(model: nn.Module | WrappedModel, processor: Any, images: Seque
         attns = [layer.self_attn for layer in wrapped.adapter.lm_layers]
         rec = None
         with HookHandle("teacher_force") as handle:
-            if mask_images:
-                handle.forward_pre_hook(wrapped.adapter.language_model,
-                                        functools.partial(_mask_images_hook, wrapper=wrapped), with_kwargs=True)
+            if mask_images or mask_positions is not None:
+                hook = functools.partial(_mask_images_hook, wrapper=wrapped, positions=mask_positions)
+                handle.forward_pre_hook(wrapped.adapter.language_model, hook, with_kwargs=True)
             if queries is not None:
                 for attn in attns:
                     check_lm_attention(attn)

@@ -1,0 +1,1 @@
+"""Attribution methods: one module each, registered with `@register_explainer` (imported on first lookup)."""
