@@ -223,7 +223,7 @@ def test_mean_colour_masking_is_a_mean_colour_image_pass(pair, one_thread):
     model, _, processor = pair
     img = make_images()[0]
     r = reliability(model, processor, img, PROMPTS[0], "bottom show", masked="mean_color")
-    mean = tuple(int(round(v)) for v in np.asarray(img, dtype=np.float64).reshape(-1, 3).mean(0))
+    mean = tuple(np.rint(np.asarray(img, dtype=np.float64).reshape(-1, 3).mean(0)).astype(int).tolist())
     ids = torch.tensor(processor.tokenizer("bottom show", add_special_tokens=False)["input_ids"])
     forced = teacher_force(model, processor, [Image.new("RGB", img.size, mean)], PROMPTS[:1], [ids])
     p = forced.answer_logprobs()[0].exp().double().numpy()

@@ -238,11 +238,10 @@ class _AttentionInputs:
 def _attention_inputs_hook(module, args, kwargs, rec: _AttentionInputs, layer: int) -> None:
     """Pre-hook on a decoder layer's attention: keep its (post-LayerNorm) input, rotary embeddings and mask."""
     if rec.wrapper.context is None:
-        return None
+        return
     if rec.inputs[layer] is not None:
         raise RuntimeError(f"the attention of decoder layer {layer} ran twice in one teacher-forced pass")
     rec.inputs[layer] = layer_inputs(args, kwargs)
-    return None
 
 
 def _kept_layout_hook(module, args, output, rec: _AttentionInputs) -> None:
@@ -250,7 +249,6 @@ def _kept_layout_hook(module, args, output, rec: _AttentionInputs) -> None:
     ctx = rec.wrapper.context
     if ctx is not None:
         rec.keep = ctx.lm_keep
-    return None
 
 
 def _layer_positions(keep: LmKeep | None, layer: int, sample: int, length: int, n_layer: int) -> torch.Tensor:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -135,7 +136,7 @@ class Combiner:
         if any(float(self.std[f]) <= 0 for f in self.features):
             raise ValueError(f"combiner stds must be positive, got {self.std}")
         q = tuple(float(x) for x in self.attn_quantiles)
-        if len(q) < 2 or any(b < a for a, b in zip(q, q[1:])):
+        if len(q) < 2 or any(b < a for a, b in itertools.pairwise(q)):
             raise ValueError(f"attn_quantiles must be >= 2 non-decreasing values, got {self.attn_quantiles}")
         self.attn_quantiles = q
         if self.kind != "unsupervised" and (self.weights is None or set(self.weights) != set(self.features)):
@@ -328,7 +329,7 @@ class Reliability:
         """An HTML snippet: the answer tokens on a red (guessed) to green (grounded) background by `r_t`."""
         spans = []
         for tok, r in zip(self.tokens, self.reliability):
-            red, green, blue = (int(round(255 * c)) for c in _colour(float(r)))
+            red, green, blue = (round(255 * c) for c in _colour(float(r)))
             spans.append(f'<span title="r={float(r):.3f}" style="background:rgb({red},{green},{blue});'
                          f'padding:1px 2px;margin:1px;border-radius:3px;white-space:pre">{html.escape(tok)}</span>')
         return (f'<div class="reliability-strip" title="sentence score {self.sentence_score:.3f}">'
@@ -432,7 +433,7 @@ def _mismatched_images(clean: list, mismatched: Any, reference: Any) -> list:
 def _mean_colour(image):
     from PIL import Image
 
-    mean = tuple(int(round(v)) for v in np.asarray(image, dtype=np.float64).reshape(-1, 3).mean(0))
+    mean = tuple(np.rint(np.asarray(image, dtype=np.float64).reshape(-1, 3).mean(0)).astype(int).tolist())
     return Image.new("RGB", image.size, mean)
 
 

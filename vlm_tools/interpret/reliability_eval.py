@@ -291,9 +291,9 @@ def _fmt(v: float) -> str:
 def render_markdown(report: dict[str, Any]) -> str:
     """The detection table, the per-budget table and the timing, as Markdown."""
     det, bud, tim = report["detection"], report["budgets"], report["timing"]
-    lines = ["AUROC / AP of detecting wrong or guessed answers (positives) with each score (higher = more likely "
-             "wrong: 1 - confidence, entropy, perplexity, 1 - sentence score). Reference statistics and fitted "
-             "weights: 2-fold split by image, each item scored by the combiner fitted on the other fold.", "",
+    lines = [("AUROC / AP of detecting wrong or guessed answers (positives) with each score (higher = more likely "
+              "wrong: 1 - confidence, entropy, perplexity, 1 - sentence score). Reference statistics and fitted "
+              "weights: 2-fold split by image, each item scored by the combiner fitted on the other fold."), "",
              "| set | pos | neg | " + " | ".join(DETECTORS) + " |",
              "|---|---|---|" + "---|" * len(DETECTORS)]
     for row in det:
@@ -305,10 +305,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {row['budget']} | {row['n']} | {row['accuracy']:.3f} | {row['mean_sentence_score']:.3f} | "
                      f"{row['mean_r_t']:.3f} | {row['mean_s_log']:.3f} |")
     ratio = tim["reliability_given_answer_s"] / tim["generate_s"] if tim["generate_s"] else float("nan")
-    lines += ["", f"Timing (one sample, median of 3, answer of {tim['answer_tokens']} tokens): generate "
-              f"{tim['generate_s'] * 1000:.0f} ms; reliability with the answer given (three teacher-forced passes) "
-              f"{tim['reliability_given_answer_s'] * 1000:.0f} ms ({ratio:.2f}x one generate); reliability that also "
-              f"generates the answer {tim['reliability_with_generation_s'] * 1000:.0f} ms.",
+    lines += ["", (f"Timing (one sample, median of 3, answer of {tim['answer_tokens']} tokens): generate "
+                   f"{tim['generate_s'] * 1000:.0f} ms; reliability with the answer given (three teacher-forced "
+                   f"passes) {tim['reliability_given_answer_s'] * 1000:.0f} ms ({ratio:.2f}x one generate); "
+                   f"reliability that also generates the answer {tim['reliability_with_generation_s'] * 1000:.0f} "
+                   "ms."),
               "", f"Sizes: {report['sizes']}; wall time {report['seconds']:.0f} s."]
     return "\n".join(lines)
 
