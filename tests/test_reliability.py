@@ -338,3 +338,10 @@ def test_eval_tables_on_tiny_results(pair, one_thread):
                             "timing": {"generate_s": 1.0, "reliability_given_answer_s": 3.0,
                                        "reliability_with_generation_s": 4.0, "answer_tokens": 1}})
     assert "| all | " in text and "3.00x one generate" in text
+
+
+def test_eval_cli_rejects_bad_budgets(tmp_path, capsys):
+    from vlm_tools.cli import main
+
+    assert main(["reliability-eval", "--budgets", "none,x", "--out", str(tmp_path / "o")]) == 2
+    assert "--budgets takes 'none'" in capsys.readouterr().err
