@@ -43,8 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     write_json_atomic(out / "reliability_eval.json", report, indent=1)
     body = render_markdown(report)
+    import os
+
+    load = os.getloadavg()[0]
     body += ("\n\nSubset sized for a shared 2-core CPU: every figure above comes from "
-             f"{len(report['items'])} answered questions, so AUROC / AP carry wide intervals.")
+             f"{len(report['items'])} answered questions, so AUROC / AP carry wide intervals (load average "
+             f"{load:.1f} when the run ended: other jobs shared the cores, so the wall time overstates the cost).")
+    body += ("\n\nA blank or noise image is contrasted with a real mismatched image and with the masked image, so "
+             "a guess whose probability the blank image itself raised keeps a positive margin: the score measures "
+             "whether the given image moved the answer, not whether the image holds it.")
     write_section("reliability", "Grounding reliability (clean / masked / mismatched passes)", body, dtype="float32")
     print(body)
     return 0
