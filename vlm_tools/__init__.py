@@ -20,6 +20,7 @@ _LAZY = {
     "register_method": "vlm_tools._registry",
     "get_adapter": "vlm_tools.core.adapters",
     "dominance": "vlm_tools.analysis",
+    "similarity_points": "vlm_tools.interpret.sasp",
     "load_default": "vlm_tools.assets.default_model",
     "default_model_path": "vlm_tools.assets.default_model",
 }
