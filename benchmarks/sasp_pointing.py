@@ -1,10 +1,13 @@
 """SasP pointing game on `shapes_vqa` (quick set): does READ's top positive point land on the asked-about shape?
 
 For every quick-set item that names the shape in the image (the answer of a "what shape" question, the shape word
-of a colour question, the shape word of a yes/no question answered "yes"), `vlm_tools.similarity_points` queries the
-default model with that word, teacher-forcing the ground-truth answer (with the leading space the model generates; so the word is in the sequence and each item
-costs one prefill), and the item is a hit when the first positive point lies inside the shape's mask. Floors: a
-uniformly random pixel (expected hit rate = mask area, and one seeded draw), and the image centre. Writes the
+of a colour question, the shape word of a yes/no question answered "yes"), SasP (`vlm_tools.similarity_points`'s
+pipeline: one teacher-forced pass, then `points_from_pass`) queries the default model with that word, forcing the
+ground-truth answer with the leading space the model generates (so the word is in the sequence and each item costs
+one prefill), and the item is a hit when the first positive point lies inside the shape's mask. Floors: a
+uniformly random pixel (expected hit rate = mask area, and one seeded draw), the image centre, and the same
+pass queried with the template word "Question" (before the question, so it cannot know which shape is asked
+about: what a shape-agnostic map of the same hidden states scores). Writes the
 `sasp_pointing` section of benchmarks/RESULTS.md.
 
     python benchmarks/sasp_pointing.py [--budget-s 480] [--limit N] [--no-write]
@@ -13,6 +16,7 @@ uniformly random pixel (expected hit rate = mask area, and one seeded draw), and
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 import time
@@ -21,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SHAPES = ("circle", "rectangle", "triangle")
+CONTROL = "Question"  # the template's "Question:" comes before the question: a query that cannot know the shape
 
 
 def query_word(item: dict) -> str | None:
@@ -53,13 +58,16 @@ def main() -> int:
     from PIL import Image
 
     from benchmarks._results import write_section
-    from vlm_tools import similarity_points
+    from vlm_tools import get_adapter
     from vlm_tools.assets.data import load_shapes_vqa
     from vlm_tools.assets.default_model import load_default
+    from vlm_tools.interpret.forcing import teacher_force
+    from vlm_tools.interpret.sasp import points_from_pass
     from vlm_tools.loading import format_prompt
 
     torch.set_num_threads(1)  # a shared 2-core machine: one thread per process is several times faster here
     model, processor = load_default(verbose=False)
+    adapter = get_adapter(model)
     items = [(it, q) for it in load_shapes_vqa("quick", with_arrays=True) if (q := query_word(it))]
     if args.limit:
         items = items[:args.limit]
@@ -71,8 +79,12 @@ def main() -> int:
             break
         img = Image.open(it["image"]).convert("RGB")
         prompt = format_prompt(processor, it["question"])
-        # the answer as the model writes it after "Answer:" (a leading space: "Ġyes")
-        pts = similarity_points(model, processor, img, prompt, word, answer=" " + it["answer"])
+        # the answer as the model writes it after "Answer:" (a leading space: "Ġyes"); one pass, two queries
+        ids = torch.tensor(processor.tokenizer(" " + it["answer"], add_special_tokens=False)["input_ids"])
+        forced = teacher_force(model, processor, [img], [prompt], [ids], hidden_states=True)
+        pts = points_from_pass(forced, processor, adapter, img, word)
+        control = points_from_pass(forced, processor, adapter, img, CONTROL)
+        cpos = control.points[control.labels == 1]
         mask = np.asarray(it["mask"], dtype=bool)
         pos = pts.points[pts.labels == 1]
         neg = pts.points[pts.labels == 0]
@@ -86,6 +98,7 @@ def main() -> int:
             if neg.shape[0] else float("nan"),
             "n_pos": int(pos.shape[0]),
             "area": float(mask.mean()),
+            "control": bool(cpos.shape[0]) and inside(mask, float(cpos[0, 0]), float(cpos[0, 1]), img.size),
             "random": inside(mask, rx, ry, img.size),
             "centre": inside(mask, img.size[0] / 2, img.size[1] / 2, img.size),
         })
@@ -97,25 +110,29 @@ def main() -> int:
 
     def rate(key, sel=None):
         vals = [r[key] for r in rows if sel is None or r["kind"] == sel]
-        vals = [v for v in vals if v == v]
+        vals = [v for v in vals if not (isinstance(v, float) and math.isnan(v))]
         return (float(np.mean(vals)), len(vals)) if vals else (float("nan"), 0)
 
-    lines = ["| items | SasP top positive in mask | random pixel (expected = mask area) | random pixel (one draw) "
-             "| image centre |", "|---|---|---|---|---|"]
+    header = ("| items | SasP top positive in mask | same, control query \"Question\" | random pixel (expected = "
+              "mask area) | random pixel (one draw) | image centre |")
+    lines = [header, "|---|---|---|---|---|---|"]
     for sel, name in ((None, "all"), ("shape", "what shape"), ("color", "what colour (shape named)"),
                       ("yesno", "yes/no, answer yes")):
         hit, k = rate("hit", sel)
         if not k:
             continue
-        lines.append(f"| {name} (n={k}) | {hit:.3f} | {rate('area', sel)[0]:.3f} | {rate('random', sel)[0]:.3f} "
+        lines.append(f"| {name} (n={k}) | {hit:.3f} | {rate('control', sel)[0]:.3f} | {rate('area', sel)[0]:.3f} "
+                     f"| {rate('random', sel)[0]:.3f} "
                      f"| {rate('centre', sel)[0]:.3f} |")
     pos_in, k_pos = rate("pos_in")
     neg_out, k_neg = rate("neg_out")
     body = "\n".join(lines) + (
-        f"\n\nDefault model, fp32, `similarity_points(..., query_token=<shape word>, answer=' ' + <ground truth>)` with "
+        f"\n\nDefault model, fp32, `similarity_points(..., query_token=<shape word>, answer=' ' + <ground truth>)` "
+        f"(`teacher_force` once, then `points_from_pass` for the shape word and the control word) with "
         f"READ-7B's thresholds (t_pos 0.8, t_neg 0.2, 30 points, down_sample 1 on the 8x8 frame). {n} of "
         f"{len(items)} eligible quick-set items ran in {elapsed:.0f} s ({1000 * elapsed / n:.0f} ms per item, one "
-        f"teacher-forced pass each). Mean positives per item {np.mean([r['n_pos'] for r in rows]):.1f}; fraction "
+        f"teacher-forced pass each, torch threads 1). Mean positives per item "
+        f"{np.mean([r['n_pos'] for r in rows]):.1f}; fraction "
         f"of positive points inside the mask {pos_in:.3f} (over {k_pos} items), of negative points outside it "
         f"{neg_out:.3f} (over {k_neg} items). The TAM map's rate (issue 11) is not measured here.")
     print(body)

@@ -18,8 +18,7 @@ from vlm_tools.core.hooks import find_hooks
 from vlm_tools.core.wrapped import SequenceLayout
 from vlm_tools.interpret.forcing import teacher_force
 from vlm_tools.interpret.frame import image_frame
-from vlm_tools.interpret.sasp import (Points, query_vector, refine_points, similarity_map_to_points,
-                                      similarity_points)
+from vlm_tools.interpret.sasp import Points, query_vector, refine_points, similarity_map_to_points, similarity_points
 from vlm_tools.testing import PROMPTS, TinyCase
 
 CASES = ["llava-clip", "llava-dinov2", "llava_next-clip"]
@@ -182,6 +181,8 @@ def test_query_word_missing_lists_the_words_and_leaves_no_hooks(tiny_llava, wide
     assert find_hooks(tiny_llava.model) == []
     with pytest.raises(ValueError, match="no \\[SEG\\]"):  # the tiny tokenizer has no [SEG] token
         similarity_points(tiny_llava.model, tiny_llava.processor, wide_image, PROMPT, answer=ANSWER)
+    with pytest.raises(ValueError, match="no \\[SEG\\]"):
+        similarity_points(tiny_llava.model, tiny_llava.processor, wide_image, PROMPT, "[SEG]", answer=ANSWER)
     with pytest.raises(TypeError, match="answer must be a string"):
         similarity_points(tiny_llava.model, tiny_llava.processor, wide_image, PROMPT, "image", answer=[3, 4])
     with pytest.raises(ValueError, match="answer is empty"):
@@ -210,8 +211,10 @@ def test_seg_token_query_is_the_position_that_predicts_it(tiny_llava):
     assert pos == [3] and torch.equal(q, hidden[3])
 
 
-def test_pruned_model_never_points_at_pruned_cells(tiny_llava, wide_image, one_thread):
-    with vlm_tools.attached(tiny_llava.model, "random", keep=20, seed=0) as wrapped:
+@pytest.mark.parametrize("method, cfg", [("random", {"keep": 20, "seed": 0}), ("fastv", {"keep": 20, "layer": 1})])
+def test_pruned_model_never_points_at_pruned_cells(tiny_llava, wide_image, one_thread, method, cfg):
+    """Vision pruning removes positions; FastV marks them DROPPED (stale last-layer states): neither is a point."""
+    with vlm_tools.attached(tiny_llava.model, method, **cfg) as wrapped:
         pts = similarity_points(wrapped, tiny_llava.processor, wide_image, PROMPT, "image", answer=ANSWER,
                                 num_points=500)
         expected, frame = _explicit_map(tiny_llava, wide_image, model=wrapped)
@@ -226,12 +229,12 @@ def test_pruned_model_never_points_at_pruned_cells(tiny_llava, wide_image, one_t
 def _tiny_sam():
     from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
 
-    cfg = SamConfig(vision_config=dict(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2,
-                                       image_size=64, patch_size=16, window_size=2, global_attn_indexes=[1],
-                                       num_pos_feats=16, mlp_dim=64),
-                    prompt_encoder_config=dict(hidden_size=32, image_size=64, patch_size=16, mask_input_channels=4),
-                    mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_attention_heads=2,
-                                             iou_head_hidden_dim=32))
+    vision = {"hidden_size": 32, "output_channels": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "image_size": 64, "patch_size": 16, "window_size": 2, "global_attn_indexes": [1], "num_pos_feats": 16,
+              "mlp_dim": 64}
+    prompt = {"hidden_size": 32, "image_size": 64, "patch_size": 16, "mask_input_channels": 4}
+    decoder = {"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 2, "iou_head_hidden_dim": 32}
+    cfg = SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
     torch.manual_seed(0)
     model = SamModel(cfg).eval()
     proc = SamProcessor(image_processor=SamImageProcessor(size={"longest_edge": 64},

@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from vlm_tools.core.wrapped import SequenceLayout
-from vlm_tools.interpret.forcing import as_wrapped, generate_answers, load_images, teacher_force
+from vlm_tools.interpret.forcing import ForcedPass, as_wrapped, generate_answers, load_images, teacher_force
 from vlm_tools.interpret.frame import grid_to_pixels, image_frame
 
-__all__ = ["Points", "SEG_TOKENS", "similarity_points", "similarity_map_to_points", "refine_points", "query_vector",
-           "sequence_words"]
+__all__ = ["SEG_TOKENS", "Points", "points_from_pass", "query_vector", "refine_points", "sequence_words",
+           "similarity_map_to_points", "similarity_points"]
 
 SEG_TOKENS = ("[SEG]", "<SEG>")  # LISA / READ / SESAME spell it "[SEG]"; some forks "<SEG>"
 
@@ -315,8 +315,8 @@ def _seg_token_id(tokenizer: Any) -> tuple[str, int] | None:
 def sequence_words(tokenizer: Any, layout: SequenceLayout) -> list[tuple[str, list[int]]]:
     """The words of the text of a sequence, in order, each with the positions of the sub-tokens it spans.
 
-    Text is split at every non-text position (the image, padding) and special token (BOS, ...); each run is decoded and its words (`\\w+`) are
-    matched to the tokens whose decoded characters overlap them.
+    Text is split at every non-text position (the image, padding) and special token (BOS, ...); each run is decoded
+    and its words (`\\w+`) are matched to the tokens whose decoded characters overlap them.
     """
     special = torch.tensor(sorted(set(getattr(tokenizer, "all_special_ids", []) or [])), dtype=layout.ids.dtype)
     is_text = (layout.kind == SequenceLayout.TEXT) & ~torch.isin(layout.ids, special)
@@ -334,7 +334,7 @@ def sequence_words(tokenizer: Any, layout: SequenceLayout) -> list[tuple[str, li
         full = tokenizer.decode(ids, skip_special_tokens=False)
         starts = [0] + ends[:-1]
         for m in re.finditer(r"\w+", full):
-            pos = [run[i] for i, (s, e) in enumerate(zip(starts, ends)) if s < m.end() and e > m.start()]
+            pos = [run[i] for i, (s, e) in enumerate(zip(starts, ends, strict=True)) if s < m.end() and e > m.start()]
             if pos:
                 words.append((m.group(), pos))
     return words
@@ -344,7 +344,7 @@ def query_vector(hidden: torch.Tensor, layout: SequenceLayout, tokenizer: Any,
                  query_token: str | None) -> tuple[torch.Tensor, str, list[int]]:
     """The query vector of one sequence: `(D,)`, the label of what it is, and the positions it comes from.
 
-    `query_token=None` (or the tokenizer's `[SEG]` / `<SEG>` spelling): the segmentation token's query, which READ /
+    `query_token=None` (or `"[SEG]"` / `"<SEG>"`): the segmentation token's query, which READ /
     LISA read at the position that predicts it (their `seg_token_mask` is shifted by one; the last one when the
     sequence holds several). Otherwise a word of the prompt or answer, matched case-insensitively over its sub-tokens
     (the last occurrence; the mean of their hidden states).
@@ -354,7 +354,7 @@ def query_vector(hidden: torch.Tensor, layout: SequenceLayout, tokenizer: Any,
             (the message lists the words that are).
     """
     seg = _seg_token_id(tokenizer)
-    if query_token is None or (seg is not None and query_token == seg[0]):
+    if query_token is None or query_token in SEG_TOKENS:
         if seg is None:
             words = sorted({w for w, _ in sequence_words(tokenizer, layout)}, key=str.casefold)
             raise ValueError("the tokenizer has no [SEG] / <SEG> token: pass query_token=, a word of the prompt or "
@@ -400,7 +400,8 @@ def similarity_points(model: Any, processor: Any, image: Any, prompt: str, query
         image: a PIL image or a path.
         prompt: the prompt with the image placeholder (`vlm_tools.loading.format_prompt`).
         query_token: None: the tokenizer's `[SEG]` / `<SEG>` token; else a word of the prompt or answer.
-        answer: the answer text to force (generated once, greedy, when None).
+        answer: the answer text to force (generated once, greedy, when None), tokenised as given without special
+            tokens: write the leading space a byte-level BPE model would generate (e.g. `" yes"` after `"Answer:"`).
         down_sample, t_pos, t_neg, num_points: see `similarity_map_to_points` (READ-7B: 2 / 0.8 / 0.2 / 30 on
             a 24x24 grid).
         refine: apply READ's discrete-to-continuous refinement (`refine_points`).
@@ -424,8 +425,30 @@ def similarity_points(model: Any, processor: Any, image: Any, prompt: str, query
                 raise ValueError("the model generated an empty answer; pass answer= to force one")
         forced = teacher_force(wrapped, processor, [img], [prompt], [forced_ids], hidden_states=True)
         adapter = wrapped.adapter
-    layout = forced.layouts[0]
-    hidden = forced.hidden_states[-1][0].float()
+    return points_from_pass(forced, processor, adapter, img, query_token, down_sample=down_sample, t_pos=t_pos,
+                            t_neg=t_neg, num_points=num_points, refine=refine)
+
+
+def points_from_pass(forced: ForcedPass, processor: Any, adapter: Any, image: Any, query_token: str | None = None, *,
+                     sample: int = 0, down_sample: int = 1, t_pos: float = 0.8, t_neg: float = 0.2,
+                     num_points: int = 30, refine: bool = False) -> Points:
+    """SasP points of one sample of a teacher-forced pass that kept the hidden states (several queries can share
+    one pass; `similarity_points` is generate + `teacher_force` + this).
+
+    Args:
+        forced: the pass (`vlm_tools.interpret.forcing.teacher_force(..., hidden_states=True)`).
+        processor: the processor of the pass (its tokenizer and image processor).
+        adapter: the model's `ModelAdapter` (`WrappedModel.adapter` or `vlm_tools.get_adapter(model)`).
+        image: the sample's original PIL image.
+        query_token, down_sample, t_pos, t_neg, num_points, refine: see `similarity_points`.
+        sample: which sample of the pass.
+    """
+    _check_params(down_sample, t_pos, t_neg, num_points)
+    if forced.hidden_states is None:
+        raise ValueError("the pass kept no hidden states; run teacher_force(..., hidden_states=True)")
+    img = load_images(image)[0]
+    layout = forced.layouts[sample]
+    hidden = forced.hidden_states[-1][sample].float()
     q, label, qpos = query_vector(hidden, layout, processor.tokenizer, query_token)
     frame = image_frame(adapter, processor.image_processor, layout, img.size, forced.trace.grid)
     sim = frame.to_grid(hidden @ q)
@@ -436,7 +459,7 @@ def similarity_points(model: Any, processor: Any, image: Any, prompt: str, query
                                    t_neg=t_neg, num_points=num_points)
     pts.similarity = sim.cpu()
     pts.query, pts.query_positions = label, [int(p) for p in qpos]
-    pts.answer = processor.tokenizer.decode(forced_ids.tolist(), skip_special_tokens=True)
+    pts.answer = processor.tokenizer.decode(forced.answer_ids[sample].tolist(), skip_special_tokens=True)
     pts.image = img
     if refine and len(pts):
         full = _min_max(sim.to(torch.float64).cpu(), valid.cpu())
