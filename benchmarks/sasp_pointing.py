@@ -20,6 +20,7 @@ import math
 import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -99,6 +100,8 @@ def main() -> int:
             "n_pos": int(pos.shape[0]),
             "area": float(mask.mean()),
             "control": bool(cpos.shape[0]) and inside(mask, float(cpos[0, 0]), float(cpos[0, 1]), img.size),
+            "cell": tuple(pts.cells[0].tolist()) if len(pts) else None,
+            "control_cell": tuple(control.cells[0].tolist()) if len(control) else None,
             "random": inside(mask, rx, ry, img.size),
             "centre": inside(mask, img.size[0] / 2, img.size[1] / 2, img.size),
         })
@@ -135,6 +138,17 @@ def main() -> int:
         f"{np.mean([r['n_pos'] for r in rows]):.1f}; fraction "
         f"of positive points inside the mask {pos_in:.3f} (over {k_pos} items), of negative points outside it "
         f"{neg_out:.3f} (over {k_neg} items). The TAM map's rate (issue 11) is not measured here.")
+    def mode_share(key):
+        cells = Counter(r[key] for r in rows if r[key] is not None)
+        (cell, k), = cells.most_common(1)
+        return cell, k / sum(cells.values())
+
+    (sc, ss), (cc, cs) = mode_share("cell"), mode_share("control_cell")
+    body += (f" The first point's most common cell (row, col): shape word {sc} for {ss:.0%} of items, control "
+             f"{cc} for {cs:.0%}.")
+    if cs >= 0.9:
+        body += (" The control's map peaks at one fixed cell whatever the image, so its rate says where a "
+                 "query-agnostic map of these hidden states points, not a chance level.")
     print(body)
     if not args.no_write:
         write_section("sasp_pointing", "SasP pointing game on shapes_vqa (READ similarity-as-points)", body,
