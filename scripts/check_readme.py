@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -86,20 +87,27 @@ def failed_output(text: str) -> bool:
     return "Traceback (most recent call last)" in text or "Error during evaluation" in text
 
 
-def run(s: Snippet, timeout: float) -> tuple[bool, float, str]:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(s: Snippet, timeout: float) -> tuple[bool, float, float, str]:
+    """Run one snippet; returns (passed, wall seconds, CPU seconds of its processes, the output's tail)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                PATH=f"{bin_dir()}{os.pathsep}{os.environ.get('PATH', '')}")
     if s.kind == "bash":
         argv = ["bash", "-euo", "pipefail", "-c", s.text]
     else:
         argv = [str(bin_dir() / "python"), "-c", s.text]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _children_cpu()
     try:
         proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return False, time.perf_counter() - t0, f"timed out after {timeout:.0f} s"
+        return False, time.perf_counter() - t0, _children_cpu() - c0, f"timed out after {timeout:.0f} s"
     text = proc.stdout + proc.stderr
-    return proc.returncode == 0 and not failed_output(text), time.perf_counter() - t0, text[-2000:]
+    passed = proc.returncode == 0 and not failed_output(text)
+    return passed, time.perf_counter() - t0, _children_cpu() - c0, text[-2000:]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.list or (args.only and args.only not in s.text):
             print(f"  [run ] line {s.line}: {label}")
             continue
-        ok, secs, tail = run(s, args.timeout)
-        print(f"  [{'ok' if ok else 'FAIL':4}] line {s.line}: {label}  ({secs:.1f} s)", flush=True)
+        ok, secs, cpu, tail = run(s, args.timeout)
+        print(f"  [{'ok' if ok else 'FAIL':4}] line {s.line}: {label}  ({secs:.1f} s wall, {cpu:.1f} s CPU)", flush=True)
         if not ok:
             failed += 1
             print("    " + tail.replace("\n", "\n    "))
