@@ -22,6 +22,7 @@ _LAZY = {
     "explain": "vlm_tools.interpret.api",
     "dominance": "vlm_tools.analysis",
     "reliability": "vlm_tools.interpret.reliability",
+    "similarity_points": "vlm_tools.interpret.sasp",
     "load_default": "vlm_tools.assets.default_model",
     "default_model_path": "vlm_tools.assets.default_model",
 }
