@@ -8,7 +8,8 @@ What runs:
 A command that needs what this machine may not have is tagged at the end of its line (a comment starts after two spaces) and only listed:
 `# [gpu]` (a CUDA device), `# [hub]` (a model hub or the internet), `# [long]` (longer than the checker's budget; it
 names the test that covers it instead). Commands run from the repository root with `.venv/bin` first on PATH, in a
-shell, with `HF_HUB_OFFLINE=1`; each must exit 0 within `--timeout` seconds. Outputs go under `out/` (git-ignored).
+shell, with `HF_HUB_OFFLINE=1`; each must exit 0 within `--timeout` seconds and print no Python traceback. Outputs go
+under `out/` (git-ignored).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -72,21 +74,40 @@ def snippets(readme: Path) -> list[Snippet]:
     return out
 
 
-def run(s: Snippet, timeout: float) -> tuple[bool, float, str]:
+def bin_dir() -> Path:
+    """The folder of the environment's executables: the repository's `.venv/bin` when there is one (what `make`
+    creates), else the folder of the Python running this script (an environment made some other way)."""
+    venv = ROOT / ".venv" / "bin"
+    return venv if (venv / "python").exists() else Path(sys.executable).parent
+
+
+def failed_output(text: str) -> bool:
+    """Whether a command's output shows a Python exception: lmms-eval catches errors of a run, logs a traceback and
+    still exits 0, so the exit status alone does not tell."""
+    return "Traceback (most recent call last)" in text or "Error during evaluation" in text
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(s: Snippet, timeout: float) -> tuple[bool, float, float, str]:
+    """Run one snippet; returns (passed, wall seconds, CPU seconds of its processes, the output's tail)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               PATH=f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
+               PATH=f"{bin_dir()}{os.pathsep}{os.environ.get('PATH', '')}")
     if s.kind == "bash":
         argv = ["bash", "-euo", "pipefail", "-c", s.text]
     else:
-        argv = [str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").exists() else sys.executable, "-c",
-                s.text]
-    t0 = time.perf_counter()
+        argv = [str(bin_dir() / "python"), "-c", s.text]
+    t0, c0 = time.perf_counter(), _children_cpu()
     try:
         proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return False, time.perf_counter() - t0, f"timed out after {timeout:.0f} s"
-    tail = (proc.stdout + proc.stderr)[-2000:]
-    return proc.returncode == 0, time.perf_counter() - t0, tail
+        return False, time.perf_counter() - t0, _children_cpu() - c0, f"timed out after {timeout:.0f} s"
+    text = proc.stdout + proc.stderr
+    passed = proc.returncode == 0 and not failed_output(text)
+    return passed, time.perf_counter() - t0, _children_cpu() - c0, text[-2000:]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,15 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     items = snippets(Path(args.readme))
     failed = 0
     for s in items:
-        label = s.text.splitlines()[0][:110]
+        code = [ln for ln in s.text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        label = (f"python: {code[0]}" if s.kind == "python" and code else s.text.splitlines()[0])[:110]
         if s.tag is not None:
             print(f"  [{s.tag:4}] line {s.line}: {label}")
             continue
         if args.list or (args.only and args.only not in s.text):
             print(f"  [run ] line {s.line}: {label}")
             continue
-        ok, secs, tail = run(s, args.timeout)
-        print(f"  [{'ok' if ok else 'FAIL':4}] line {s.line}: {label}  ({secs:.1f} s)", flush=True)
+        ok, secs, cpu, tail = run(s, args.timeout)
+        print(f"  [{'ok' if ok else 'FAIL':4}] line {s.line}: {label}  ({secs:.1f} s wall, {cpu:.1f} s CPU)", flush=True)
         if not ok:
             failed += 1
             print("    " + tail.replace("\n", "\n    "))

@@ -7,4 +7,5 @@ the same name would replace that function on the first import of one of its modu
 - `frame`: where visual tokens sit on the image (the frame every map lives on);
 - `base`: the attribution method protocol; `methods/`: one module per registered attribution method;
 - `explanation` / `export`: the result object and its files.
+- `sasp`: READ's similarity-as-points (`vlm_tools.similarity_points`: SAM point prompts from a query token).
 """
