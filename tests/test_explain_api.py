@@ -346,3 +346,30 @@ def test_cli_bad_input_exits_2(tiny_folder, tmp_path, capsys):
                        (["--method", "center", "--answer", "red", "--tokens", "dog"], "token 'dog' is not in")]:
         assert main(common + extra) == 2
         assert msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("entry", ["explain", "reliability", "similarity_points"])
+def test_every_entry_point_reads_prompts_the_same_way(tiny_llava, entry):
+    """explain, reliability and similarity_points share one prompt rule: a plain question goes through the chat
+    template (`format_prompt`), a prompt must hold exactly one image placeholder."""
+    import copy
+
+    call = getattr(vlm_tools, entry)
+    proc = copy.copy(tiny_llava.processor)
+    image = make_images()[0]
+    kwargs = {"query_token": "image"} if entry == "similarity_points" else {}
+    with pytest.raises(ValueError, match="holds 2 image placeholders"):
+        call(tiny_llava.model, proc, image, "<image> <image> what is it ?", **kwargs)
+    with pytest.raises(ValueError, match="no chat template"):
+        call(tiny_llava.model, proc, image, "what is in the image ?", **kwargs)
+    proc.chat_template = "{% for m in messages %}USER : <image> {{ m['content'][1]['text'] }} ASSISTANT :{% endfor %}"
+    plain = call(tiny_llava.model, proc, image, "what is in the image ?", max_new_tokens=2, **kwargs)
+    formatted = call(tiny_llava.model, proc, image, "USER : <image> what is in the image ? ASSISTANT :",
+                     max_new_tokens=2, **kwargs)
+    if entry == "explain":
+        assert plain.prompt == formatted.prompt and np.array_equal(plain.maps, formatted.maps)
+    elif entry == "reliability":
+        assert plain.to_dict() == formatted.to_dict()
+    else:
+        assert np.array_equal(np.asarray(plain.points), np.asarray(formatted.points))
+    assert find_hooks(tiny_llava.model) == []

@@ -20,6 +20,7 @@ _LAZY = {
     "register_method": "vlm_tools._registry",
     "get_adapter": "vlm_tools.core.adapters",
     "explain": "vlm_tools.interpret.api",
+    "Explanation": "vlm_tools.interpret.explanation",
     "dominance": "vlm_tools.analysis",
     "reliability": "vlm_tools.interpret.reliability",
     "similarity_points": "vlm_tools.interpret.sasp",

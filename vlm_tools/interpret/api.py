@@ -63,7 +63,7 @@ def explain(model: nn.Module | WrappedModel, processor: Any, images: Any, prompt
     """
     from vlm_tools._registry import get_explainer
     from vlm_tools.core.adapters import get_adapter
-    from vlm_tools.interpret.forcing import as_wrapped, generate_answers, load_images
+    from vlm_tools.interpret.forcing import as_wrapped, generate_answers, load_images, single_image_prompt
 
     start = time.perf_counter()
     if isinstance(model, WrappedModel) and not model.is_wrapped:
@@ -80,7 +80,7 @@ def explain(model: nn.Module | WrappedModel, processor: Any, images: Any, prompt
     if len(image_list) != len(prompt_list):
         raise ValueError(f"got {len(image_list)} images and {len(prompt_list)} prompts; explain takes one image per "
                          "prompt")
-    prompt_list = [_one_image_prompt(processor, p, s) for s, p in enumerate(prompt_list)]
+    prompt_list = [single_image_prompt(processor, p, s) for s, p in enumerate(prompt_list)]
     n = len(prompt_list)
     token_specs = _token_specs(tokens, n)
     given = _answer_list(processor, answers, n)
@@ -129,19 +129,6 @@ def _prompt_list(prompts: Any) -> list[str]:
         if not isinstance(p, str):
             raise TypeError(f"prompt {s} must be a string, got {type(p).__name__}")
     return list(items)
-
-
-def _one_image_prompt(processor: Any, prompt: str, s: int) -> str:
-    """The prompt with exactly one image placeholder (a plain question goes through the chat template)."""
-    from vlm_tools.loading import format_prompt
-
-    placeholder = getattr(processor, "image_token", None) or "<image>"
-    text = format_prompt(processor, prompt)
-    count = text.count(placeholder)
-    if count != 1:
-        raise ValueError(f"prompt {s} {prompt!r} holds {count} image placeholders {placeholder!r}; explain takes one "
-                         "image per prompt (one placeholder each)")
-    return text
 
 
 def _token_specs(tokens: Any, n: int) -> list[list[TokenSpec] | None]:

@@ -21,7 +21,7 @@ from vlm_tools.core.wrapped import SequenceLayout, WrappedModel
 from vlm_tools.interpret.forcing import ForcedPass, teacher_force
 from vlm_tools.interpret.frame import ImageFrame, image_frame
 
-__all__ = ["Attribution", "ExplainSample", "ExplainContext", "Explainer", "ExplainConfig"]
+__all__ = ["Attribution", "ExplainConfig", "ExplainContext", "ExplainSample", "Explainer"]
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ from vlm_tools.core.hooks import HookHandle
 from vlm_tools.core.method import LmKeep
 from vlm_tools.core.wrapped import SequenceLayout, Trace, WrappedModel, wrap
 
-__all__ = ["ForcedPass", "as_wrapped", "load_images", "generate_answers", "forced_inputs", "teacher_force"]
+__all__ = ["ForcedPass", "as_wrapped", "forced_inputs", "generate_answers", "load_images", "single_image_prompt",
+           "teacher_force"]
 
 
 @dataclass
@@ -111,6 +112,20 @@ def load_images(images: Any) -> list:
             raise TypeError(f"images must be PIL images or paths, got {type(item).__name__}")
         out.append(item)
     return out
+
+
+def single_image_prompt(processor: Any, prompt: str, index: int = 0) -> str:
+    """The prompt with exactly one image placeholder: a plain question goes through the processor's chat template
+    (`vlm_tools.loading.format_prompt`); a prompt with another number of placeholders raises a `ValueError`."""
+    from vlm_tools.loading import format_prompt
+
+    placeholder = getattr(processor, "image_token", None) or "<image>"
+    text = format_prompt(processor, prompt)
+    count = text.count(placeholder)
+    if count != 1:
+        raise ValueError(f"prompt {index} {prompt!r} holds {count} image placeholders {placeholder!r}; one image per "
+                         "prompt (one placeholder each)")
+    return text
 
 
 def _device_inputs(model: nn.Module, batch: dict) -> dict:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from vlm_tools.core.wrapped import SequenceLayout
 
-__all__ = ["ImageFrame", "image_frame", "processor_box", "grid_to_pixels"]
+__all__ = ["ImageFrame", "grid_to_pixels", "image_frame", "processor_box"]
 
 
 @dataclass

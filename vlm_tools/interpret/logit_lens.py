@@ -43,8 +43,21 @@ from vlm_tools.core.wrapped import SequenceLayout
 from vlm_tools.interpret.forcing import ForcedPass
 from vlm_tools.interpret.frame import ImageFrame
 
-__all__ = ["WEIGHTINGS", "TokenMaps", "lens_logits", "context_tokens", "raw_maps", "least_squares_scale", "eci",
-           "rbo", "rank_gaussian_filter", "minmax", "context_weights", "token_maps", "special_ids"]
+__all__ = [
+    "WEIGHTINGS",
+    "TokenMaps",
+    "context_tokens",
+    "context_weights",
+    "eci",
+    "least_squares_scale",
+    "lens_logits",
+    "minmax",
+    "rank_gaussian_filter",
+    "raw_maps",
+    "rbo",
+    "special_ids",
+    "token_maps",
+]
 
 #: How the ECI interference weights the context: TAM's textual scores, or ARC's two RBO variants.
 WEIGHTINGS = ("tam", "irrelevance", "relevance")

@@ -52,7 +52,7 @@ from torch import nn
 from vlm_tools.core.adapters import get_adapter
 from vlm_tools.core.attention import check_lm_attention
 from vlm_tools.core.wrapped import WrappedModel
-from vlm_tools.interpret.forcing import ForcedPass, generate_answers, load_images, teacher_force
+from vlm_tools.interpret.forcing import ForcedPass, generate_answers, load_images, single_image_prompt, teacher_force
 
 __all__ = [
     "GROUNDING_FEATURES",
@@ -494,7 +494,8 @@ def reliability(model: nn.Module | WrappedModel, processor: Any, images: Any, pr
             passes go through it).
         processor: its processor.
         images: one image (PIL or path) or a list, one per prompt.
-        prompts: one prompt or a list (with the image placeholder; see `vlm_tools.loading.format_prompt`).
+        prompts: one prompt or a list (with one image placeholder; a plain question goes through the chat
+            template, `vlm_tools.loading.format_prompt`).
         answer: the answer text (one per prompt; tokenized without special tokens), or None to generate it greedily.
         mismatched: the mismatched image(s), one per sample, each of the clean image's size and mode.
         reference: instead, a set of images to draw the mismatched image from (deterministically).
@@ -514,6 +515,7 @@ def reliability(model: nn.Module | WrappedModel, processor: Any, images: Any, pr
     prompt_list = [prompts] if single else list(prompts)
     if not prompt_list or not all(isinstance(p, str) for p in prompt_list):
         raise TypeError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}")
+    prompt_list = [single_image_prompt(processor, p, s) for s, p in enumerate(prompt_list)]
     if masked not in MASKED_MODES:
         raise ValueError(f"masked must be one of {MASKED_MODES}, got {masked!r}")
     n_hidden = len(adapter.lm_layers) + 1

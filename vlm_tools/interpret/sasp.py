@@ -26,7 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from vlm_tools.core.wrapped import SequenceLayout
-from vlm_tools.interpret.forcing import ForcedPass, as_wrapped, generate_answers, load_images, teacher_force
+from vlm_tools.interpret.forcing import (
+    ForcedPass,
+    as_wrapped,
+    generate_answers,
+    load_images,
+    single_image_prompt,
+    teacher_force,
+)
 from vlm_tools.interpret.frame import grid_to_pixels, image_frame
 
 __all__ = ["SEG_TOKENS", "Points", "points_from_pass", "query_vector", "refine_points", "sequence_words",
@@ -398,7 +405,7 @@ def similarity_points(model: Any, processor: Any, image: Any, prompt: str, query
         model: an HF LLaVA / LLaVA-NeXT model or a `WrappedModel` (a pruned model: pruned cells are never points).
         processor: its processor.
         image: a PIL image or a path.
-        prompt: the prompt with the image placeholder (`vlm_tools.loading.format_prompt`).
+        prompt: the prompt with one image placeholder, or a plain question (put in the chat template).
         query_token: None: the tokenizer's `[SEG]` / `<SEG>` token; else a word of the prompt or answer.
         answer: the answer text to force (generated once, greedy, when None), tokenised as given without special
             tokens: write the leading space a byte-level BPE model would generate (e.g. `" yes"` after `"Answer:"`).
@@ -413,6 +420,7 @@ def similarity_points(model: Any, processor: Any, image: Any, prompt: str, query
     _check_params(down_sample, t_pos, t_neg, num_points)
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+    prompt = single_image_prompt(processor, prompt)
     images = load_images(image)
     if len(images) != 1:
         raise ValueError(f"similarity_points takes one image, got {len(images)}")

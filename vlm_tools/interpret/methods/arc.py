@@ -16,7 +16,7 @@ from vlm_tools._registry import register_explainer
 from vlm_tools.interpret.base import Attribution, ExplainConfig, ExplainContext, Explainer
 from vlm_tools.interpret.methods.tam import lens_attributions
 
-__all__ = ["ArcConfig", "Arc", "DEFAULT_VARIANT"]
+__all__ = ["DEFAULT_VARIANT", "Arc", "ArcConfig"]
 
 #: ARC's default weighting (set from the explain-eval comparison).
 DEFAULT_VARIANT = "irrelevance"

@@ -41,8 +41,17 @@ from vlm_tools.interpret.forcing import ForcedPass, teacher_force
 from vlm_tools.interpret.frame import ImageFrame, image_frame
 from vlm_tools.interpret.logit_lens import WEIGHTINGS, minmax, special_ids, token_maps
 
-__all__ = ["MseaConfig", "Msea", "ScalePass", "scale_passes", "interpolates", "scaled_processor", "tile_rects",
-           "resample", "DEFAULT_WEIGHTING"]
+__all__ = [
+    "DEFAULT_WEIGHTING",
+    "Msea",
+    "MseaConfig",
+    "ScalePass",
+    "interpolates",
+    "resample",
+    "scale_passes",
+    "scaled_processor",
+    "tile_rects",
+]
 
 #: MSEA's default context weighting (set from the explain-eval comparison).
 DEFAULT_WEIGHTING = "irrelevance"

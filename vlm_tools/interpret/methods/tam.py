@@ -14,7 +14,7 @@ from vlm_tools._registry import register_explainer
 from vlm_tools.interpret.base import Attribution, ExplainConfig, ExplainContext, Explainer
 from vlm_tools.interpret.logit_lens import TokenMaps, special_ids, token_maps
 
-__all__ = ["TamConfig", "Tam", "lens_attributions"]
+__all__ = ["Tam", "TamConfig", "lens_attributions"]
 
 
 @dataclass(frozen=True)
