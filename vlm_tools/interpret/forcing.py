@@ -11,6 +11,7 @@ maps therefore cover the kept tokens only.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Sequence
@@ -210,7 +211,8 @@ def _mask_images_hook(module, args, kwargs, wrapper: WrappedModel, positions: Se
 @torch.no_grad()
 def teacher_force(model: nn.Module | WrappedModel, processor: Any, images: Sequence, prompts: Sequence[str],
                   answers: Sequence[torch.Tensor], *, hidden_states: bool = True,
-                  mask_images: bool = False, mask_positions: Sequence[torch.Tensor] | None = None) -> ForcedPass:
+                  mask_images: bool = False, mask_positions: Sequence[torch.Tensor] | None = None,
+                  grad: bool = False) -> ForcedPass:
     """One batched forward pass over `prompt + answer`, through the (wrapped) model.
 
     Args:
@@ -225,6 +227,8 @@ def teacher_force(model: nn.Module | WrappedModel, processor: Any, images: Seque
         mask_positions: per sample, visual positions of the returned sequence to mask the same way (e.g. the
             `ImageFrame.cells` of deleted map cells, taken from an earlier pass of the same inputs); exclusive with
             `mask_images`.
+        grad: run the forward pass with autograd enabled (gradient methods such as integrated gradients); the
+            returned logits then carry the graph.
     """
     if mask_images and mask_positions is not None:
         raise ValueError("pass mask_images=True (every visual position) or mask_positions, not both")
@@ -237,8 +241,10 @@ def teacher_force(model: nn.Module | WrappedModel, processor: Any, images: Seque
             if mask_images or mask_positions is not None:
                 hook = functools.partial(_mask_images_hook, wrapper=wrapped, positions=mask_positions)
                 handle.forward_pre_hook(wrapped.adapter.language_model, hook, with_kwargs=True)
-            out = wrapped(**batch, forced_tokens=[len(a) for a in answers], output_hidden_states=hidden_states,
-                          return_dict=True)
+            with torch.enable_grad() if grad else contextlib.nullcontext():
+                out = wrapped(**batch, forced_tokens=[len(a) for a in answers], output_hidden_states=hidden_states,
+                              return_dict=True)
+                logits = out.logits.float()
         trace = wrapped.last_trace
     layouts = [s.layout for s in trace.samples]
     length = out.logits.shape[1]
@@ -246,6 +252,6 @@ def teacher_force(model: nn.Module | WrappedModel, processor: Any, images: Seque
     for s, (lay, pos) in enumerate(zip(layouts, positions)):
         if pos.numel() and not bool((lay.ids[pos] == torch.as_tensor(answers[s], dtype=lay.ids.dtype)).all()):
             raise RuntimeError(f"sample {s}: the forced answer is not at the end of the returned sequence")
-    return ForcedPass(logits=out.logits.float(), hidden_states=tuple(out.hidden_states) if hidden_states else None,
+    return ForcedPass(logits=logits, hidden_states=tuple(out.hidden_states) if hidden_states else None,
                       layouts=layouts, answer_ids=[torch.as_tensor(a, dtype=torch.long) for a in answers],
                       answer_positions=positions, trace=trace)
