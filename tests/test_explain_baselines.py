@@ -205,3 +205,19 @@ def test_no_hooks_after_a_call_or_an_exception(case, name, cfg, when_grad, one_t
         assert hook_snapshot(model) == wrapped
     assert find_hooks(model) == []
     assert hook_snapshot(model) == before  # captum's own (unmarked) hooks are gone too
+
+
+def test_integrated_gradients_refuses_a_shortened_llm_sequence(case, one_thread):
+    """FlowCut's LLaVA-NeXT stage returns only the kept slots: the first decoder layer runs on more positions than
+    the layout names, so IG says so (naming the case) and leaves no hook."""
+    kind, model, processor, imgs, answers = case
+    if kind != "llava_next":
+        pytest.skip("FlowCut's LLM stage runs on LLaVA-NeXT")
+    with vlm_tools.attached(model, "flowcut", keep=8) as w:  # transformers installs its output-capturing hooks
+        teacher_force(w, processor, imgs, PROMPTS, answers)  # once, on the first call that records outputs
+    before = hook_snapshot(model)
+    with vlm_tools.attached(model, "flowcut", keep=8) as w:
+        ctx = _ctx(w, processor, imgs, generate_answers(w, processor, imgs, PROMPTS, max_new_tokens=2))
+        with pytest.raises(ValueError, match="flowcut"):
+            _run("integrated_gradients", ctx, n_steps=2)
+    assert hook_snapshot(model) == before

@@ -44,7 +44,7 @@ class IntegratedGradientsConfig(ExplainConfig):
     """
 
     n_steps: int = 32
-    internal_batch_size: int = 16
+    internal_batch_size: int = 8
 
     def __post_init__(self) -> None:
         for name in ("n_steps", "internal_batch_size"):
@@ -110,7 +110,7 @@ def _forward(scale: torch.Tensor, ctx: ExplainContext, samples: list[int], targe
     return target_logprobs(forced, tgt)[:, 0]
 
 
-def position_attributions(ctx: ExplainContext, n_steps: int = 32, internal_batch_size: int = 16) -> list[IGResult]:
+def position_attributions(ctx: ExplainContext, n_steps: int = 32, internal_batch_size: int = 8) -> list[IGResult]:
     """Per sample, integrated gradients of each explained token's log-prob w.r.t. the first decoder layer's input,
     summed over the feature dimension (see the module docstring)."""
     from captum.attr import LayerIntegratedGradients
