@@ -252,9 +252,9 @@ def test_modifier_stacks_with_a_pruner_and_refuses_a_second_token_appender(tmp_p
     s = student.build_student(ad.vision_tower, student.StudentConfig(num_registers=2, target_block=ad.feature_block))
     student.save_student(s, exp)
     s.remove_hooks()
-    with vlm_tools.attached(model, [("registers", {"student": str(exp)}), ("test_time_registers", cfg)]) as w:
-        with pytest.raises(RuntimeError, match="cannot be stacked"), torch.no_grad():
-            w(**tiny.singles[0])
+    # two token-appending modifiers are refused when wrapping, before any hook is attached
+    with pytest.raises(ValueError, match="append tokens.*stack at most one"):
+        vlm_tools.wrap(model, [("registers", {"student": str(exp)}), ("test_time_registers", cfg)])
     assert find_hooks(model) == []
     with torch.no_grad():
         assert torch.equal(model(**tiny.singles[0]).logits, base)

@@ -181,3 +181,33 @@ def test_state_dict_is_the_base_one_right_after_an_exception(case, stage):
         bad.remove()
         wrapped.unwrap()
     assert hook_snapshot(model) == snap
+
+
+def test_concurrent_wrapped_and_plain_calls_each_see_their_own_tower(case):
+    """The parameter swap is shared by all threads: a plain call in another thread must not restore the base weights
+    in the middle of a wrapped call (nor a wrapped call swap the student in under a plain one)."""
+    import threading
+
+    tiny, path, base, _ = case
+    model = tiny.model
+    inputs = tiny.singles[0]
+    with vlm_tools.attached(model, "registers", student=str(path)) as wrapped:
+        with torch.no_grad():
+            ref = wrapped(**inputs).logits
+        errors: list[str] = []
+
+        def run(call, expected, what):
+            for i in range(25):
+                with torch.no_grad():
+                    out = call(**inputs).logits
+                if not torch.equal(out, expected):
+                    errors.append(f"{what} call {i}")
+
+        threads = [threading.Thread(target=run, args=(wrapped, ref, "wrapped")),
+                   threading.Thread(target=run, args=(model, base, "plain"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert find_hooks(model) == []

@@ -11,6 +11,8 @@ CLI_MODULES: tuple[str, ...] = (
     "vlm_tools.assets.cli",
     "vlm_tools.demo.cli",
     "vlm_tools.analysis.cli",
+    "vlm_tools.interpret.cli",
+    "vlm_tools.interpret.reliability_cli",
     "vlm_tools.integrations.eval_cli",
     "vlm_tools.registers.cli",
 )

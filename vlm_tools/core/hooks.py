@@ -121,9 +121,11 @@ class HookHandle:
         self.add(module.register_forward_pre_hook(mark(fn), with_kwargs=with_kwargs, prepend=prepend))
 
     def forward_hook(self, module: nn.Module, fn: Callable, *, with_kwargs: bool = False,
-                     prepend: bool = False) -> None:
-        """Register a marked forward hook on an instance and track it."""
-        self.add(module.register_forward_hook(mark(fn), with_kwargs=with_kwargs, prepend=prepend))
+                     prepend: bool = False, always_call: bool = False) -> None:
+        """Register a marked forward hook on an instance and track it (`always_call`: also run when the module
+        raises, e.g. to undo a change made by a pre-hook inside the same call)."""
+        self.add(module.register_forward_hook(mark(fn), with_kwargs=with_kwargs, prepend=prepend,
+                                              always_call=always_call))
 
     def remove(self) -> None:
         """Undo everything (LIFO). Safe to call more than once."""

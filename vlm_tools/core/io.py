@@ -168,6 +168,9 @@ def replace_dir_atomic(target: str | Path, fill: Callable[[Path], Any]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0o700); the folder gets a normal folder's mode
         fill(tmp)
         if not target.exists():
             os.rename(tmp, target)

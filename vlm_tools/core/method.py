@@ -305,7 +305,13 @@ class Method:
 
 
 class Modifier(Method):
-    """A method that changes the vision tower without selecting tokens (e.g. `registers`); stacks with a pruner."""
+    """A method that changes the vision tower without selecting tokens (e.g. `registers`); stacks with a pruner.
+
+    `appends_tokens`: the modifier appends tokens to the tower's sequence (`VisionPlan.n_suffix`); at most one such
+    modifier per wrap (refused at wrap time).
+    """
+
+    appends_tokens: ClassVar[bool] = False
 
     @property
     def selects(self) -> bool:

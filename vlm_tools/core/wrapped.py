@@ -186,6 +186,9 @@ def build_methods(method: str | Method | list, config: dict) -> list[Method]:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ValueError(f"method(s) {twice} given more than once; stack each method at most once")
+    appending = [m.name for m in out if getattr(m, "appends_tokens", False)]
+    if len(appending) > 1:
+        raise ValueError(f"{appending} each append tokens to the vision tower's sequence; stack at most one of them")
     acting = [m for m in out if m.kind != "modifier"]
     if len(acting) > 1:
         raise ValueError(f"at most one pruning method per wrap, got {[m.name for m in acting]}; "

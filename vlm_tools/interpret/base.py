@@ -40,11 +40,14 @@ class Attribution:
             order) for each explained token (0 at and after the explained token's own position), or None when the
             method has no text branch.
         scores: named per-token values (each a list of T floats), e.g. the target token's probability.
+        frame: the frame `maps` live on when the method chose one (e.g. `msea`: its finest scale's); None means
+            the sample's clean frame (`ExplainContext.frames()`).
     """
 
     maps: torch.Tensor
     text: torch.Tensor | None = None
     scores: dict[str, list[float]] = field(default_factory=dict)
+    frame: ImageFrame | None = None
 
 
 @dataclass

@@ -112,4 +112,4 @@ class Explanation:
         """Read a folder written by `save` (arrays bit-exact)."""
         from vlm_tools.interpret.export import load_explanation
 
-        return load_explanation(directory)
+        return load_explanation(directory, cls)

@@ -345,8 +345,9 @@ def teacher_force(model: nn.Module | WrappedModel, processor: Any, images: Seque
             `mask_images`.
         grad: run the forward pass with autograd enabled (gradient methods such as integrated gradients); the
             returned logits then carry the graph.
-        attention_queries: per sample, positions of the returned sequence whose attention rows to record (e.g.
-            `answer_positions[s] - 1`, the rows that predict the answer tokens). The rows are recomputed in fp32
+        attention_queries: per sample, positions of the returned sequence whose attention rows to record; negative
+            positions count from its end (`torch.arange(-T - 1, -1)` are the rows that predict a `T`-token answer,
+            whatever pruning did to the length before it). The rows are recomputed in fp32
             with `vlm_tools.core.attention` from forward pre-hooks on every decoder layer's attention (the model
             keeps SDPA / flash) and returned as `ForcedPass.attentions`: per sample `(n_layers, Q_s, L)` softmax
             rows averaged over heads, keys indexed by the positions of the returned sequence. After an LLM-stage
@@ -390,6 +391,7 @@ def teacher_force(model: nn.Module | WrappedModel, processor: Any, images: Seque
             raise RuntimeError(f"sample {s}: the forced answer is not at the end of the returned sequence")
     attentions = None
     if queries is not None:
+        queries = [torch.where(q < 0, q + length, q) for q in queries]
         for s, q in enumerate(queries):
             bad = q[(q < 0) | (q >= length)]
             if bad.numel() or bool((layouts[s].kind[q] == SequenceLayout.PAD).any()):

@@ -44,7 +44,7 @@ from torch import nn
 from vlm_tools._registry import register_method
 from vlm_tools.core.adapters import ModelAdapter, TowerAdapter, get_tower
 from vlm_tools.core.config import MethodConfig
-from vlm_tools.core.hooks import HookHandle
+from vlm_tools.core.hooks import HookHandle, attach_guarded
 from vlm_tools.core.io import write_json_atomic
 from vlm_tools.core.method import ContextSlot, Modifier
 
@@ -339,13 +339,8 @@ def attach_test_time_registers(vit: nn.Module, neurons: RegisterNeurons | Mappin
     found = neurons if isinstance(neurons, RegisterNeurons) else RegisterNeurons(
         layers={int(b): list(n) for b, n in neurons.items()})
     layers = found.check(tower)
-    handle = HookHandle("registers.test_time")
-    try:
-        _register_hooks(handle, tower, layers, num_registers, scale, per_neuron_max, _Always())
-    except BaseException:
-        handle.remove()
-        raise
-    return handle
+    return attach_guarded("registers.test_time", lambda handle: _register_hooks(
+        handle, tower, layers, num_registers, scale, per_neuron_max, _Always()))
 
 
 # ----------------------------------------------------------------------------------------------------- modifier
@@ -398,24 +393,24 @@ def _tower_pre_hook(slot: ContextSlot, key: str, owner: object, num_registers: i
 class TestTimeRegistersModifier(Modifier):
     """Applies test-time registers to the LLaVA vision tower during wrapped calls."""
 
+    appends_tokens = True
+
     def check(self, adapter: ModelAdapter) -> None:
         RegisterNeurons.load(self.config.neurons).check(get_tower(adapter.vision_tower), str(self.config.neurons))
 
     def attach(self, model: nn.Module, adapter: ModelAdapter, slot: ContextSlot) -> HookHandle:
         tower = get_tower(adapter.vision_tower)
         layers = RegisterNeurons.load(self.config.neurons).check(tower, str(self.config.neurons))
-        key = self.name
-        handle = HookHandle(self.name)
-        try:
-            owner = object()  # identifies this attachment in ctx.state
+        key, cfg = self.name, self.config
+        owner = object()  # identifies this attachment in ctx.state
+
+        def register(handle: HookHandle) -> None:
             handle.forward_pre_hook(tower.vit, functools.partial(_tower_pre_hook, slot, key, owner,
-                                                                 self.config.num_registers))
-            _register_hooks(handle, tower, layers, self.config.num_registers, self.config.scale,
-                            self.config.per_neuron_max, _CallGate(slot, key))
-        except BaseException:
-            handle.remove()
-            raise
-        return handle
+                                                                 cfg.num_registers))
+            _register_hooks(handle, tower, layers, cfg.num_registers, cfg.scale, cfg.per_neuron_max,
+                            _CallGate(slot, key))
+
+        return attach_guarded(self.name, register)
 
     @classmethod
     def example_config(cls, model: nn.Module, workdir: str | None = None) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ from torch import nn
 from vlm_tools._registry import register_method
 from vlm_tools.core.adapters import ModelAdapter, get_tower
 from vlm_tools.core.config import MethodConfig
-from vlm_tools.core.hooks import HookHandle, mark
+from vlm_tools.core.hooks import HookHandle, attach_guarded
 from vlm_tools.core.method import ContextSlot, Modifier
 
 from .student import (
@@ -85,11 +86,42 @@ class RegistersConfig(MethodConfig):
 
 
 class _ParamSwap:
-    """Replacement parameter objects for a tower instance; ``apply``/``restore`` are idempotent and exact."""
+    """Replacement parameter objects for a tower instance; ``apply``/``restore`` are idempotent and exact.
+
+    The tower's parameters are shared by every thread calling the model, so a tower call holds ``lock`` from its
+    pre-hook to its (always-called) forward hook: concurrent calls, wrapped or plain, run the tower one at a time,
+    each with its own parameters.
+    """
 
     def __init__(self, items: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]]) -> None:
         self.items = items
         self.applied = False
+        self.lock = threading.Lock()
+        self._held = threading.local()
+
+    def __getstate__(self) -> dict:  # copies (deepcopy / pickle of a model carrying the hooks) get a fresh lock
+        state = dict(self.__dict__)
+        del state["lock"], state["_held"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.Lock()
+        self._held = threading.local()
+
+    def enter(self) -> None:
+        """Take the tower for this thread's call (released by `leave`)."""
+        self.lock.acquire()
+        self._held.value = True
+
+    def leave(self) -> None:
+        """Restore the original parameters and release the tower (no-op if this thread does not hold it)."""
+        if getattr(self._held, "value", False):
+            self._held.value = False
+            try:
+                self.restore()
+            finally:
+                self.lock.release()
 
     def apply(self) -> None:
         if not self.applied:
@@ -106,12 +138,13 @@ class _ParamSwap:
 
 def _tower_pre_hook(module: nn.Module, args: tuple, slot: ContextSlot, swap: _ParamSwap, num_registers: int) -> None:
     ctx = slot.ctx
+    if ctx is not None and ctx.plan is not None and ctx.plan.n_suffix and ctx.state.get(_OWNER) != id(swap):
+        raise RuntimeError(f"registers cannot be stacked with another modifier that appends tokens "
+                           f"({ctx.plan.n_suffix} appended already)")
+    swap.enter()
     if ctx is None or ctx.plan is None:  # not a wrapped call: the base tower, as is
         swap.restore()
         return
-    if ctx.plan.n_suffix and ctx.state.get(_OWNER) != id(swap):
-        raise RuntimeError(f"registers cannot be stacked with another modifier that appends tokens "
-                           f"({ctx.plan.n_suffix} appended already)")
     ctx.state[_OWNER] = id(swap)
     swap.apply()
     ctx.plan.n_suffix = num_registers
@@ -130,7 +163,7 @@ def _embeddings_hook(module: nn.Module, args: tuple, output: torch.Tensor, slot:
 def _tower_hook(module: nn.Module, args: tuple, output: Any, slot: ContextSlot, swap: _ParamSwap,
                 num_registers: int) -> Any:
     ctx = slot.ctx
-    swap.restore()
+    swap.leave()
     if ctx is None or not ctx.state.pop(_ACTIVE, False):
         return None
     return strip_registers(num_registers, module, args, output)
@@ -147,6 +180,8 @@ _TOWER_FAMILY = {"dinov2": "hf_dinov2", "clip_vision_model": "hf_clip"}
                  description="PH-Reg: run the vision tower with distilled registers and weights (stack with a pruner)")
 class RegistersModifier(Modifier):
     """Applies a distilled register student to the LLaVA vision tower during wrapped calls."""
+
+    appends_tokens = True
 
     def __init__(self, config: RegistersConfig) -> None:
         super().__init__(config)
@@ -218,17 +253,15 @@ class RegistersModifier(Modifier):
             items.append((owner, attr, orig, new))
         swap = _ParamSwap(items)
         n = int(registers.shape[1])
-        handle = HookHandle(self.name)
-        try:
+        def register(handle: HookHandle) -> None:
             handle.add(functools.partial(_restore, swap))  # undone last: the original parameters are back
             handle.forward_pre_hook(tower, functools.partial(_tower_pre_hook, slot=slot, swap=swap, num_registers=n))
             handle.forward_hook(tower.embeddings, functools.partial(_embeddings_hook, slot=slot, registers=registers))
             # always_call: also runs when the tower raises, so the swap is undone inside the call that made it
-            handle.add(tower.register_forward_hook(
-                mark(functools.partial(_tower_hook, slot=slot, swap=swap, num_registers=n)), always_call=True))
-        except BaseException:
-            handle.remove()
-            raise
+            handle.forward_hook(tower, functools.partial(_tower_hook, slot=slot, swap=swap, num_registers=n),
+                                always_call=True)
+
+        handle = attach_guarded(self.name, register)
         return handle
 
     @classmethod
