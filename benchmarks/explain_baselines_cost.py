@@ -2,7 +2,8 @@
 
 On the default model (`vlm_tools.assets.default_model.load_default`, fp32, CPU) and one `shapes_vqa` quick-set image,
 each measurement runs in a fresh subprocess (so one method's freed memory cannot hide another's peak): load the model,
-then time one call while a thread samples the process's resident set size (`/proc/self/statm`, every 2 ms).
+then time one call (wall and process CPU time: on a shared machine the CPU time is the steadier figure) while a
+thread samples the process's resident set size (`/proc/self/statm`, every 2 ms).
 `generate` is `generate_answers` (greedy, the answer `vlm_tools.explain` generates once; memory of the first call,
 time of a second, warm one); a method's call is `Explainer.attribute` on a fresh `ExplainContext` (its clean
 teacher-forced pass included) explaining every token of that answer, after the answer's generation. Peak memory is
@@ -78,19 +79,19 @@ def measure(method: str, item: int) -> dict:
         if method == "generate":  # memory of the first call; time of the second (warm)
             with _Peak() as peak:
                 answer = generate_answers(w, processor, [image], [prompt])[0]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             generate_answers(w, processor, [image], [prompt])
-            seconds = time.perf_counter() - t0
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         else:  # the answer is generated first (vlm_tools.explain generates it once), then one attribute call
             answer = generate_answers(w, processor, [image], [prompt])[0]
             info = get_explainer(method)
             ctx = ExplainContext(w, processor, [ExplainSample(image, prompt, answer, torch.arange(answer.numel()))])
             with _Peak() as peak:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 maps = info.cls(info.config_cls()).attribute(ctx)[0].maps
-                seconds = time.perf_counter() - t0
+                seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
             assert bool(torch.isfinite(maps).all())
-    return {"method": method, "seconds": seconds, "peak_mib": (peak.peak - loaded) / 2 ** 20,
+    return {"method": method, "seconds": seconds, "cpu_seconds": cpu, "peak_mib": (peak.peak - loaded) / 2 ** 20,
             "load_avg": os.getloadavg()[0],
             "answer_tokens": int(answer.numel()), "answer": processor.tokenizer.decode(answer),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
@@ -115,16 +116,18 @@ def main() -> None:
     rows = {}
     for m in methods:
         done = subprocess.run([sys.executable, __file__, "--child", m, "--item", str(args.item)], cwd=ROOT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                              check=False)
         if done.returncode:
             raise SystemExit(f"{m} failed:\n{done.stderr[-3000:]}")
         rows[m] = json.loads(done.stdout.strip().splitlines()[-1])
         print(json.dumps(rows[m]), flush=True)
     gen = rows["generate"]
-    lines = ["| method | time (s) | x generate | peak RSS above the loaded model (MiB) | x generate |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| method | wall (s) | x generate | CPU (s) | x generate | peak RSS above the loaded model (MiB) | "
+             "x generate |", "|---|---:|---:|---:|---:|---:|---:|"]
     for m, r in rows.items():
-        lines.append(f"| {m} | {r['seconds']:.3f} | {r['seconds'] / gen['seconds']:.1f} | {r['peak_mib']:.1f} | "
+        lines.append(f"| {m} | {r['seconds']:.2f} | {r['seconds'] / gen['seconds']:.1f} | {r['cpu_seconds']:.2f} | "
+                     f"{r['cpu_seconds'] / gen['cpu_seconds']:.1f} | {r['peak_mib']:.1f} | "
                      f"{r['peak_mib'] / max(gen['peak_mib'], 1e-9):.1f} |")
     body = (f"Default model, shapes_vqa quick item {args.item}, answer {gen['answer']!r} "
             f"({gen['answer_tokens']} tokens, every one explained), default configs, one sample; "

@@ -164,7 +164,7 @@ def test_rollout_equals_a_hand_computation_from_eager_attentions(case, one_threa
                                        ("occlusion", {"window": 2, "perturbations_per_eval": 5}),
                                        ("attention_rollout", {})])
 def test_batch_equals_single_calls(case, name, cfg, one_thread):
-    kind, model, processor, imgs, answers = case
+    _, model, processor, imgs, answers = case
     with as_wrapped(model) as w:
         batch = _run(name, _ctx(w, processor, imgs, answers), **cfg)
         singles = [_run(name, _ctx(w, processor, imgs, answers, which=(i,)), **cfg)[0] for i in range(2)]
@@ -187,7 +187,7 @@ def _raise_hook(module, args, when_grad: bool):
     ("occlusion", {"window": 4}, False),
     ("attention_rollout", {}, False)])
 def test_no_hooks_after_a_call_or_an_exception(case, name, cfg, when_grad, one_thread):
-    kind, model, processor, imgs, answers = case
+    _, model, processor, imgs, answers = case
     before = hook_snapshot(model)
     with as_wrapped(model) as w:
         wrapped = hook_snapshot(model)  # the wrapper's own hooks

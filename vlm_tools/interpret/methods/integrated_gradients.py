@@ -81,7 +81,7 @@ def _scale_features_hook(module, args, kwargs, wrapper: WrappedModel, features: 
         return None
     emb = kwargs.get("inputs_embeds")
     if not isinstance(emb, torch.Tensor):
-        raise RuntimeError("integrated_gradients: the language model was called without inputs_embeds")
+        raise TypeError("integrated_gradients: the language model was called without inputs_embeds")
     n = emb.shape[1]
     # left padding: a batch of fewer samples than the clean pass is narrower; its positions are the last `n`
     if emb.shape[0] != features.shape[0] or n > features.shape[1] or bool(features[:, :-n].any()):
