@@ -123,8 +123,9 @@ def main() -> None:
         rows[m] = json.loads(done.stdout.strip().splitlines()[-1])
         print(json.dumps(rows[m]), flush=True)
     gen = rows["generate"]
-    lines = ["| method | wall (s) | x generate | CPU (s) | x generate | peak RSS above the loaded model (MiB) | "
-             "x generate |", "|---|---:|---:|---:|---:|---:|---:|"]
+    header = ("| method | wall (s) | x generate | CPU (s) | x generate | peak RSS above the loaded model (MiB) | "
+              "x generate |")
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
     for m, r in rows.items():
         lines.append(f"| {m} | {r['seconds']:.2f} | {r['seconds'] / gen['seconds']:.1f} | {r['cpu_seconds']:.2f} | "
                      f"{r['cpu_seconds'] / gen['cpu_seconds']:.1f} | {r['peak_mib']:.1f} | "
