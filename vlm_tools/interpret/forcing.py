@@ -15,6 +15,7 @@ implementation of attention rows over a forced pass (grounding reliability, atte
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Sequence
@@ -340,7 +341,7 @@ def _check_queries(attention_queries: Sequence[torch.Tensor], n_samples: int) ->
 def teacher_force(model: nn.Module | WrappedModel, processor: Any, images: Sequence, prompts: Sequence[str],
                   answers: Sequence[torch.Tensor], *, hidden_states: bool = True,
                   mask_images: bool = False, mask_positions: Sequence[torch.Tensor] | None = None,
-                  attention_queries: Sequence[torch.Tensor] | None = None) -> ForcedPass:
+                  grad: bool = False, attention_queries: Sequence[torch.Tensor] | None = None) -> ForcedPass:
     """One batched forward pass over `prompt + answer`, through the (wrapped) model.
 
     Args:
@@ -355,6 +356,8 @@ def teacher_force(model: nn.Module | WrappedModel, processor: Any, images: Seque
         mask_positions: per sample, visual positions of the returned sequence to mask the same way (e.g. the
             `ImageFrame.cells` of deleted map cells, taken from an earlier pass of the same inputs); exclusive with
             `mask_images`.
+        grad: run the forward pass with autograd enabled (gradient methods such as integrated gradients); the
+            returned logits then carry the graph.
         attention_queries: per sample, positions of the returned sequence whose attention rows to record; negative
             positions count from its end (`torch.arange(-T - 1, -1)` are the rows that predict a `T`-token answer,
             whatever pruning did to the length before it). The rows are recomputed in fp32
@@ -388,8 +391,10 @@ def teacher_force(model: nn.Module | WrappedModel, processor: Any, images: Seque
                     handle.forward_pre_hook(attn, functools.partial(_attention_inputs_hook, rec=rec, layer=i),
                                             with_kwargs=True)
                 handle.forward_hook(wrapped.adapter.language_model, functools.partial(_kept_layout_hook, rec=rec))
-            out = wrapped(**batch, forced_tokens=[len(a) for a in answers], output_hidden_states=hidden_states,
-                          return_dict=True)
+            with torch.enable_grad() if grad else contextlib.nullcontext():
+                out = wrapped(**batch, forced_tokens=[len(a) for a in answers], output_hidden_states=hidden_states,
+                              return_dict=True)
+                logits = out.logits.float()
         trace = wrapped.last_trace
     layouts = [s.layout for s in trace.samples]
     length = out.logits.shape[1]
@@ -406,6 +411,6 @@ def teacher_force(model: nn.Module | WrappedModel, processor: Any, images: Seque
                 raise ValueError(f"attention_queries[{s}] = {q.tolist()} must be real (non-padding) positions of the "
                                  f"returned sequence, 0..{length - 1}")
         attentions = _recorded_rows(rec, attns, queries, length)
-    return ForcedPass(logits=out.logits.float(), hidden_states=tuple(out.hidden_states) if hidden_states else None,
+    return ForcedPass(logits=logits, hidden_states=tuple(out.hidden_states) if hidden_states else None,
                       layouts=layouts, answer_ids=[torch.as_tensor(a, dtype=torch.long) for a in answers],
                       answer_positions=positions, trace=trace, attentions=attentions)

@@ -1,0 +1,146 @@
+"""Time and peak memory of the baseline explainers per explained answer, relative to one `generate` call.
+
+On the default model (`vlm_tools.assets.default_model.load_default`, fp32, CPU) and one `shapes_vqa` quick-set image,
+each measurement runs in a fresh subprocess (so one method's freed memory cannot hide another's peak): load the model,
+then time one call (wall and process CPU time: on a shared machine the CPU time is the steadier figure) while a
+thread samples the process's resident set size (`/proc/self/statm`, every 2 ms).
+`generate` is `generate_answers` (greedy, the answer `vlm_tools.explain` generates once; memory of the first call,
+time of a second, warm one); a method's call is `Explainer.attribute` on a fresh `ExplainContext` (its clean
+teacher-forced pass included) explaining every token of that answer, after the answer's generation. Peak memory is
+the largest RSS during the call minus the RSS of the loaded model (what the call needs on top of the weights).
+
+    python benchmarks/explain_baselines_cost.py [--methods generate,integrated_gradients,occlusion,attention_rollout]
+        [--item 0] [--results]   # --results: also write the `explain_baselines_cost` section of RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+
+METHODS = ("generate", "integrated_gradients", "occlusion", "attention_rollout")
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _Peak:
+    """Largest RSS of this process while the block runs (a sampling thread)."""
+
+    def __enter__(self):
+        self.start = _rss()
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def measure(method: str, item: int) -> dict:
+    """One measurement in this process (see the module docstring)."""
+    import torch
+    from PIL import Image
+
+    from vlm_tools._registry import get_explainer
+    from vlm_tools.assets.data import load_shapes_vqa
+    from vlm_tools.assets.default_model import load_default
+    from vlm_tools.interpret.base import ExplainContext, ExplainSample
+    from vlm_tools.interpret.forcing import as_wrapped, generate_answers
+    from vlm_tools.loading import format_prompt
+
+    model, processor = load_default(verbose=False)
+    row = load_shapes_vqa("quick")[item]
+    image = Image.open(row["image"]).convert("RGB")
+    prompt = format_prompt(processor, row["question"])
+    loaded = _rss()
+    with as_wrapped(model) as w:
+        if method == "generate":  # memory of the first call; time of the second (warm)
+            with _Peak() as peak:
+                answer = generate_answers(w, processor, [image], [prompt])[0]
+            t0, c0 = time.perf_counter(), time.process_time()
+            generate_answers(w, processor, [image], [prompt])
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        else:  # the answer is generated first (vlm_tools.explain generates it once), then one attribute call
+            answer = generate_answers(w, processor, [image], [prompt])[0]
+            info = get_explainer(method)
+            ctx = ExplainContext(w, processor, [ExplainSample(image, prompt, answer, torch.arange(answer.numel()))])
+            with _Peak() as peak:
+                t0, c0 = time.perf_counter(), time.process_time()
+                maps = info.cls(info.config_cls()).attribute(ctx)[0].maps
+                seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+            assert bool(torch.isfinite(maps).all())
+    return {"method": method, "seconds": seconds, "cpu_seconds": cpu, "peak_mib": (peak.peak - loaded) / 2 ** 20,
+            "load_avg": os.getloadavg()[0],
+            "answer_tokens": int(answer.numel()), "answer": processor.tokenizer.decode(answer),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--item", type=int, default=0, help="index into the shapes_vqa quick set")
+    ap.add_argument("--results", action="store_true", help="write the section of benchmarks/RESULTS.md")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child, args.item)))
+        return
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if "generate" not in methods:
+        methods.insert(0, "generate")
+    rows = {}
+    for m in methods:
+        done = subprocess.run([sys.executable, __file__, "--child", m, "--item", str(args.item)], cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                              check=False)
+        if done.returncode:
+            raise SystemExit(f"{m} failed:\n{done.stderr[-3000:]}")
+        rows[m] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(json.dumps(rows[m]), flush=True)
+    gen = rows["generate"]
+    header = ("| method | wall (s) | x generate | CPU (s) | x generate | peak RSS above the loaded model (MiB) | "
+              "x generate |")
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
+    for m, r in rows.items():
+        lines.append(f"| {m} | {r['seconds']:.2f} | {r['seconds'] / gen['seconds']:.1f} | {r['cpu_seconds']:.2f} | "
+                     f"{r['cpu_seconds'] / gen['cpu_seconds']:.1f} | {r['peak_mib']:.1f} | "
+                     f"{r['peak_mib'] / max(gen['peak_mib'], 1e-9):.1f} |")
+    body = (f"Default model, shapes_vqa quick item {args.item}, answer {gen['answer']!r} "
+            f"({gen['answer_tokens']} tokens, every one explained), default configs, one sample; "
+            f"{gen['cpu_capability']}, {gen['threads']} threads, load average "
+            f"{max(r['load_avg'] for r in rows.values()):.1f} at most.\n\n" + "\n".join(lines))
+    print(body)
+    if args.results:
+        from _results import write_section
+
+        write_section("explain_baselines_cost", "Baseline explainers: time and peak memory per explained answer", body,
+                      dtype="float32")
+
+
+if __name__ == "__main__":
+    main()
