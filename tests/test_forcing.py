@@ -118,3 +118,16 @@ def test_mask_positions_masks_exactly_the_given_visual_positions(next_case):
     with pytest.raises(ValueError, match="visual positions"):
         teacher_force(next_case.model, next_case.processor, imgs, PROMPTS, answers, mask_positions=text)
     assert find_hooks(next_case.model) == []
+
+
+def test_mask_positions_refuse_a_sequence_shortened_inside_the_llm(next_case):
+    """FlowCut's LLaVA-NeXT stage returns only the kept slots: positions of the returned sequence are not the language
+    model's input positions, so masking them would hide the wrong tokens; refused with a clear error."""
+    imgs = make_images()
+    with vlm_tools.attached(next_case.model, "flowcut", keep=8) as wrapped:
+        answers = generate_answers(wrapped, next_case.processor, imgs, PROMPTS, max_new_tokens=2)
+        clean = teacher_force(wrapped, next_case.processor, imgs, PROMPTS, answers, hidden_states=False)
+        first = [lay.visual_positions()[:1] for lay in clean.layouts]  # the same index in both coordinates
+        with pytest.raises(ValueError, match="shortens the sequence inside the language model"):
+            teacher_force(wrapped, next_case.processor, imgs, PROMPTS, answers, mask_positions=first)
+    assert find_hooks(next_case.model) == []

@@ -218,13 +218,15 @@ def forced_inputs(processor: Any, images: Sequence, prompts: Sequence[str],
     return batch
 
 
-def _mask_images_hook(module, args, kwargs, wrapper: WrappedModel, positions: Sequence[torch.Tensor] | None):
+def _mask_images_hook(module, args, kwargs, wrapper: WrappedModel, positions: Sequence[torch.Tensor] | None,
+                      lengths: list[int]):
     """Pre-hook on the language model: zero the 2-D attention mask at the visual positions of the call (all of them,
     or per sample the given `positions`, which must be visual positions)."""
     ctx = wrapper.context
     mask = kwargs.get("attention_mask")
     if ctx is None or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         return None
+    lengths.append(mask.shape[1])
     mask = mask.clone()
     for s, runs in enumerate(ctx.lm_spans):
         visual = torch.zeros(mask.shape[1], dtype=torch.bool, device=mask.device)
@@ -379,9 +381,11 @@ def teacher_force(model: nn.Module | WrappedModel, processor: Any, images: Seque
         batch = _device_inputs(wrapped.model, inputs)
         attns = [layer.self_attn for layer in wrapped.adapter.lm_layers]
         rec = None
+        lm_lengths: list[int] = []  # the language model's input length, seen by the masking hook
         with HookHandle("teacher_force") as handle:
             if mask_images or mask_positions is not None:
-                hook = functools.partial(_mask_images_hook, wrapper=wrapped, positions=mask_positions)
+                hook = functools.partial(_mask_images_hook, wrapper=wrapped, positions=mask_positions,
+                                         lengths=lm_lengths)
                 handle.forward_pre_hook(wrapped.adapter.language_model, hook, with_kwargs=True)
             if queries is not None:
                 for attn in attns:
@@ -398,6 +402,10 @@ def teacher_force(model: nn.Module | WrappedModel, processor: Any, images: Seque
         trace = wrapped.last_trace
     layouts = [s.layout for s in trace.samples]
     length = out.logits.shape[1]
+    if mask_positions is not None and lm_lengths and lm_lengths[0] != length:
+        raise ValueError(f"mask_positions are positions of the returned sequence, but {trace.method!r} shortens the "
+                         f"sequence inside the language model ({lm_lengths[0]} input positions, {length} returned); "
+                         "masking chosen positions is not supported with an LLM-stage drop without scatter-back")
     positions = [torch.arange(length - len(a), length) for a in answers]
     for s, (lay, pos) in enumerate(zip(layouts, positions)):
         if pos.numel() and not bool((lay.ids[pos] == torch.as_tensor(answers[s], dtype=lay.ids.dtype)).all()):
