@@ -19,6 +19,7 @@ _LAZY = {
     "get_method": "vlm_tools._registry",
     "register_method": "vlm_tools._registry",
     "get_adapter": "vlm_tools.core.adapters",
+    "explain": "vlm_tools.interpret.api",
     "dominance": "vlm_tools.analysis",
     "load_default": "vlm_tools.assets.default_model",
     "default_model_path": "vlm_tools.assets.default_model",

@@ -40,11 +40,15 @@ class Attribution:
             order) for each explained token (0 at and after the explained token's own position), or None when the
             method has no text branch.
         scores: named per-token values (each a list of T floats), e.g. the target token's probability.
+        pruned: `(rows, cols)` bool cells of the maps' frame that no kept token covers, required when the maps lie
+            on another frame than the clean pass's (e.g. the finest scale of a multi-scale method; the pixel box is
+            the clean frame's); None: the maps are on the clean pass's frame and its `pruned` applies.
     """
 
     maps: torch.Tensor
     text: torch.Tensor | None = None
     scores: dict[str, list[float]] = field(default_factory=dict)
+    pruned: torch.Tensor | None = None
 
 
 @dataclass
