@@ -33,7 +33,7 @@ def ref_bilinear(grid, box, image_size, size):
                 continue
             fy = min(max((y - y0) / (y1 - y0) * rows - 0.5, 0.0), rows - 1)
             fx = min(max((x - x0) / (x1 - x0) * cols - 0.5, 0.0), cols - 1)
-            r0, c0 = int(math.floor(fy)), int(math.floor(fx))
+            r0, c0 = math.floor(fy), math.floor(fx)
             r1, c1 = min(r0 + 1, rows - 1), min(c0 + 1, cols - 1)
             ay, ax = fy - r0, fx - c0
             out[i, j] = ((1 - ay) * ((1 - ax) * grid[r0, c0] + ax * grid[r0, c1])
@@ -122,10 +122,10 @@ def ref_curves(case, expl, frame, row, steps):
     out = {"deletion": [], "insertion": []}
     xs = []
     for k in range(steps + 1):
-        c = int(round(k * n / steps))
+        c = round(k * n / steps)
         xs.append(c / n)
         chosen = set(order[:c])
-        for kind in out:
+        for kind, probs in out.items():
             masked = []
             for p, cells in zip(pos, cover):
                 covered = [cell for cell, on in enumerate(cells) if on]
@@ -139,7 +139,7 @@ def ref_curves(case, expl, frame, row, steps):
                                    hidden_states=False, mask_positions=[torch.tensor(masked, dtype=torch.long)])
             lp = torch.log_softmax(forced.logits[0, forced.answer_positions[0] - 1], -1)
             t = int(expl.targets[row])
-            out[kind].append(math.exp(float(lp[t, int(answer[t])])))
+            probs.append(math.exp(float(lp[t, int(answer[t])])))
     return xs, out
 
 
@@ -264,7 +264,7 @@ def test_deletion_insertion_curves_match_single_passes(case, one_thread):
 
 
 def test_a_map_on_a_finer_grid_is_area_averaged_onto_the_frame(tiny_llava, one_thread):
-    coarse, frame = make_explanation(tiny_llava, lambda rng, t, r, c: rng.random((t, r, c)).astype(np.float32),
+    coarse, _ = make_explanation(tiny_llava, lambda rng, t, r, c: rng.random((t, r, c)).astype(np.float32),
                                      n_tokens=1)
     fine = np.repeat(np.repeat(coarse.maps, 2, axis=1), 2, axis=2)
     fine_expl = Explanation(**{**coarse.__dict__, "maps": fine, "pruned": np.zeros(fine.shape[1:], bool)})
@@ -283,7 +283,7 @@ def test_faithfulness_bad_input(tiny_llava):
     with pytest.raises(ValueError, match="kinds"):
         metrics.faithfulness_curves(expl, m, p, kinds=("erase",))
     no_image = Explanation(**{**expl.__dict__, "image": None})
-    with pytest.raises(ValueError, match="image="):
+    with pytest.raises(TypeError, match="image="):
         metrics.deletion_auc(no_image, m, p)
     with pytest.raises(ValueError, match="image size"):
         metrics.deletion_auc(expl, m, p, image=make_images()[1])

@@ -38,8 +38,18 @@ from vlm_tools.interpret.explanation import Explanation
 from vlm_tools.interpret.forcing import as_wrapped, teacher_force
 from vlm_tools.interpret.frame import grid_to_pixels, image_frame
 
-__all__ = ["map_on_mask", "otsu_threshold", "otsu_threshold_numpy", "pointing_game", "obj_iou", "FaithfulnessCurves",
-           "faithfulness_curves", "deletion_auc", "insertion_auc", "KINDS"]
+__all__ = [
+    "KINDS",
+    "FaithfulnessCurves",
+    "deletion_auc",
+    "faithfulness_curves",
+    "insertion_auc",
+    "map_on_mask",
+    "obj_iou",
+    "otsu_threshold",
+    "otsu_threshold_numpy",
+    "pointing_game",
+]
 
 #: The two faithfulness curves.
 KINDS = ("deletion", "insertion")
@@ -212,7 +222,7 @@ def faithfulness_curves(explanation: Explanation, model: Any, processor: Any, *,
         raise ValueError(f"kinds must be among {KINDS}, got {kinds!r}")
     image = image if image is not None else explanation.image
     if not isinstance(image, Image.Image):
-        raise ValueError("the explanation holds no image: pass image= (the PIL image it explains)")
+        raise TypeError("the explanation holds no image: pass image= (the PIL image it explains)")
     image = image.convert("RGB")
     if tuple(image.size) != tuple(explanation.image_size):
         raise ValueError(f"image size {image.size} differs from the explanation's image_size "
@@ -235,7 +245,7 @@ def faithfulness_curves(explanation: Explanation, model: Any, processor: Any, *,
         n = int(visible.size)
         if n == 0:
             raise ValueError("every cell of the frame is pruned: nothing to delete or insert")
-        counts = [int(round(k * n / steps)) for k in range(steps + 1)]
+        counts = [round(k * n / steps) for k in range(steps + 1)]
         fractions = np.asarray(counts, dtype=np.float64) / n
         plan: list[tuple[int, str, int]] = []  # (index into rows_t, kind, step); keys: its masked set
         sets: dict[tuple[int, ...], int] = {}
