@@ -311,7 +311,7 @@ def run_explain_eval(model: Any, processor: Any, items: dict[str, list[EvalItem]
             text = tok.decode(ids.tolist(), skip_special_tokens=True)
             word = it.word if it.word and it.word.lower() in re.findall(r"[a-z]+", text.lower()) else None
             records.append({"id": it.id, "question": it.question, "expected": it.expected, "answer": text,
-                            "answer_source": source,
+                            "answer_ids": ids.tolist(), "answer_source": source,
                             "explained": word if word is not None else "first token", "_item": it,
                             "_prompt": prompt, "_ids": ids, "_token": word if word is not None else 0,
                             "methods": {}})
