@@ -11,6 +11,7 @@ CLI_MODULES: tuple[str, ...] = (
     "vlm_tools.assets.cli",
     "vlm_tools.demo.cli",
     "vlm_tools.analysis.cli",
+    "vlm_tools.interpret.cli",
     "vlm_tools.interpret.eval_cli",
     "vlm_tools.integrations.eval_cli",
     "vlm_tools.registers.cli",
