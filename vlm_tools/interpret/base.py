@@ -42,13 +42,21 @@ class Attribution:
         scores: named per-token values (each a list of T floats), e.g. the target token's probability.
         pruned: `(rows, cols)` bool cells of the maps' frame that no kept token covers, required when the maps lie
             on another frame than the clean pass's (e.g. the finest scale of a multi-scale method; the pixel box is
-            the clean frame's); None: the maps are on the clean pass's frame and its `pruned` applies.
+            the clean frame's); None: the maps are on the clean pass's frame and its `pruned` applies (or, when
+            `frame` is given, that frame's `pruned`).
+        frame: the frame `maps` live on when the method chose one (e.g. `msea`: its finest scale's); None means
+            the sample's clean frame (`ExplainContext.frames()`).
     """
 
     maps: torch.Tensor
     text: torch.Tensor | None = None
     scores: dict[str, list[float]] = field(default_factory=dict)
     pruned: torch.Tensor | None = None
+    frame: ImageFrame | None = None
+
+    def __post_init__(self) -> None:
+        if self.pruned is None and self.frame is not None:
+            self.pruned = self.frame.pruned
 
 
 @dataclass
