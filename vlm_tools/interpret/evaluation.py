@@ -50,6 +50,7 @@ __all__ = [
     "eval_items",
     "parse_method_specs",
     "run_explain_eval",
+    "split_variants",
     "write_comparison",
 ]
 
@@ -152,8 +153,8 @@ class EvalItem:
     word: str | None
 
 
-def _split_top(text: str, sep: str) -> list[str]:
-    """`text` split at `sep` outside square brackets."""
+def split_variants(text: str, sep: str = ",") -> list[str]:
+    """`text` split at `sep` outside square brackets (`"a,b[x=1,2]"` -> `["a", "b[x=1,2]"]`), items stripped."""
     parts, depth, cur = [], 0, []
     for ch in text:
         if ch == "[":
@@ -185,7 +186,7 @@ def parse_method_specs(text: str | Sequence[str]) -> list[MethodSpec]:
     items = [text] if isinstance(text, str) else list(text)
     specs: list[MethodSpec] = []
     for chunk in items:
-        for raw in _split_top(chunk, ","):
+        for raw in split_variants(chunk):
             name, bracket, rest = raw.partition("[")
             name = name.strip()
             if not name or (bracket and not rest.endswith("]")) or "]" in name:
