@@ -60,10 +60,11 @@ def tiny_folder(tmp_path_factory):
 def test_explain_eval_cli_on_a_tiny_model_folder(tiny_folder, tmp_path, one_thread):
     out = tmp_path / "out"
     rc = main(["explain-eval", "--model", str(tiny_folder), "--methods", "center,random[seed=3]", "--limit", "2",
-               "--photos-limit", "1", "--steps", "2", "--batch-size", "2", "--no-progress", "--out", str(out)])
+               "--photos-limit", "1", "--steps", "2", "--batch-size", "2", "--faithfulness-limit", "1",
+               "--no-progress", "--out", str(out)])
     assert rc == 0
     md = (out / "comparison.md").read_text()
-    assert "**shapes_vqa** (2 answers" in md and "**photos_yesno** (1 answers" in md and PHOTOS_CAPTION in md
+    assert "**shapes_vqa** (2 answers, deletion / insertion on the first 1;" in md and "**photos_yesno** (1 answers" in md and PHOTOS_CAPTION in md
     assert "| random[seed=3] |" in md
     rows = list(csv.DictReader((out / "comparison.csv").open()))
     assert [(r["set"], r["method"]) for r in rows] == [("shapes_vqa", "center"), ("shapes_vqa", "random[seed=3]"),
@@ -84,7 +85,7 @@ def test_explain_eval_cli_on_a_tiny_model_folder(tiny_folder, tmp_path, one_thre
         for label, name, cfg in (("center", "center", {}), ("random[seed=3]", "random", {"seed": 3})):
             got = next(r for r in rows if r["set"] == set_name and r["method"] == label)
             pg, iou, dels, ins = [], [], [], []
-            for it, rec in zip(set_items, records):
+            for k, (it, rec) in enumerate(zip(set_items, records)):
                 prompt = f"<image> {it.question}"  # the tiny processor has no chat template
                 ids = rec["answer_ids"]
                 token = rec["explained"] if rec["explained"] != "first token" else 0
@@ -95,9 +96,12 @@ def test_explain_eval_cli_on_a_tiny_model_folder(tiny_folder, tmp_path, one_thre
                 best = max(range(flat.size), key=lambda k: (flat[k], -k))  # first maximum
                 pg.append(float(it.mask.ravel()[best]))
                 iou.append(metrics.obj_iou(expl, it.mask))
-                curves = metrics.faithfulness_curves(expl, model, processor, steps=2)
-                dels.append(float(curves.deletion_auc[0]))
-                ins.append(float(curves.insertion_auc[0]))
+                if k == 0:  # --faithfulness-limit 1
+                    curves = metrics.faithfulness_curves(expl, model, processor, steps=2)
+                    dels.append(float(curves.deletion_auc[0]))
+                    ins.append(float(curves.insertion_auc[0]))
+                else:
+                    assert math.isnan(rec["methods"][label]["deletion_auc"])
                 assert rec["methods"][label]["pointing_game"] == pg[-1]
             for key, vals in (("pointing_game", pg), ("obj_iou", iou), ("deletion_auc", dels),
                               ("insertion_auc", ins)):

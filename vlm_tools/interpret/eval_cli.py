@@ -46,6 +46,8 @@ def _cmd_explain_eval(args: argparse.Namespace) -> int:
                         ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise UsageError(f"{name} must be a positive integer, got {value}")
+    if args.faithfulness_limit is not None and args.faithfulness_limit < 0:
+        raise UsageError(f"--faithfulness-limit must be >= 0, got {args.faithfulness_limit}")
     out = ensure_writable_dir(args.out)  # before any model loads
     try:
         items = eval_items(args.set, args.limit, photos=not args.no_photos, photos_limit=args.photos_limit)
@@ -54,6 +56,7 @@ def _cmd_explain_eval(args: argparse.Namespace) -> int:
     model, processor = load_model(args.model, args.dtype)
     result = run_explain_eval(model, processor, items, specs, steps=args.steps, batch_size=args.batch_size,
                               max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
+                              faithfulness_limit=args.faithfulness_limit,
                               on_note=lambda line: print(line, file=sys.stderr))
     result.info.update({"model": args.model, "split": args.set, "limit": args.limit, "dtype": args.dtype})
     paths = write_comparison(result, out, title=f"explain-eval: {args.model}, shapes_vqa {args.set}")
@@ -76,6 +79,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                                                                   "(default: --limit)")
     p.add_argument("--no-photos", action="store_true", help="skip photos_yesno")
     p.add_argument("--steps", type=int, default=16, help="deletion / insertion steps")
+    p.add_argument("--faithfulness-limit", type=int, default=None,
+                   help="deletion / insertion AUC on the first N answers of each set only (default: all)")
     p.add_argument("--batch-size", type=int, default=4, help="samples per explain call")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")

@@ -97,7 +97,8 @@ class SetResult:
     """One set's comparison.
 
     Attributes:
-        n: answers scored; `explained_word`: how many of them explain the shape / colour word (else the first token).
+        n: answers scored; `explained_word`: how many of them explain the shape / colour word (else the first token);
+            `n_faithfulness`: how many (the first ones) have deletion / insertion AUCs.
         rows: one `MethodRow` per method variant, in the run's order.
         items: per answer a JSON-able record (question, expected and generated answer, explained token, and per
             method label its metrics).
@@ -107,6 +108,7 @@ class SetResult:
     explained_word: int
     rows: list[MethodRow]
     items: list[dict]
+    n_faithfulness: int = 0
 
 
 @dataclass
@@ -124,11 +126,13 @@ class EvalResult:
     batch_size: int
     sets: dict[str, SetResult]
     info: dict = field(default_factory=dict)
+    faithfulness_limit: int | None = None
 
     def to_json(self) -> dict:
         return {**self.info, "steps": self.steps, "batch_size": self.batch_size,
+                "faithfulness_limit": self.faithfulness_limit,
                 "methods": [{"label": m.label, "name": m.name, "config": m.config} for m in self.methods],
-                "sets": {k: {"n": v.n, "explained_word": v.explained_word,
+                "sets": {k: {"n": v.n, "explained_word": v.explained_word, "n_faithfulness": v.n_faithfulness,
                              "rows": [dataclasses.asdict(r) for r in v.rows], "items": v.items}
                          for k, v in self.sets.items()}}
 
@@ -265,6 +269,7 @@ def _mean(values: list[float]) -> float:
 
 def run_explain_eval(model: Any, processor: Any, items: dict[str, list[EvalItem]], methods: Sequence[MethodSpec], *,
                      steps: int = 16, batch_size: int = 4, max_new_tokens: int = 8, progress: bool = True,
+                     faithfulness_limit: int | None = None,
                      on_note: Callable[[str], None] | None = None) -> EvalResult:
     """Explain every item with every method and score the maps (see the module docstring).
 
@@ -276,6 +281,8 @@ def run_explain_eval(model: Any, processor: Any, items: dict[str, list[EvalItem]
         batch_size: samples per `explain` call.
         max_new_tokens: generation limit of the answers.
         progress: show a tqdm bar per set.
+        faithfulness_limit: deletion / insertion AUC on the first this many answers of each set only (they cost
+            `steps`-proportional passes through the model per answer and method); None: every answer.
         on_note: called with a line for each item whose generated answer is empty (its reference answer is
             explained instead, teacher-forced).
 
@@ -293,9 +300,13 @@ def run_explain_eval(model: Any, processor: Any, items: dict[str, list[EvalItem]
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if faithfulness_limit is not None and (isinstance(faithfulness_limit, bool)
+                                           or not isinstance(faithfulness_limit, int) or faithfulness_limit < 0):
+        raise ValueError(f"faithfulness_limit must be a non-negative int or None, got {faithfulness_limit!r}")
     note = on_note or (lambda _line: None)
     tok = processor.tokenizer
-    result = EvalResult(methods=list(methods), steps=steps, batch_size=batch_size, sets={})
+    result = EvalResult(methods=list(methods), steps=steps, batch_size=batch_size, sets={},
+                        faithfulness_limit=faithfulness_limit)
     for set_name, set_items in items.items():
         prompts = [_prompt(processor, it.question) for it in set_items]
         answers = []
@@ -326,13 +337,15 @@ def run_explain_eval(model: Any, processor: Any, items: dict[str, list[EvalItem]
                                     spec.name, answers=[r["_ids"] for r in chunk], tokens=[[r["_token"]] for r in chunk],
                                     **spec.config)
                     per_answer = (time.perf_counter() - start) * 1000.0 / len(chunk)
-                    for r, expl in zip(chunk, expls):
-                        curves = metrics.faithfulness_curves(expl, model, processor, steps=steps, tokens=[0])
+                    for j, (r, expl) in enumerate(zip(chunk, expls)):
+                        dele = ins = float("nan")
+                        if faithfulness_limit is None or i + j < faithfulness_limit:
+                            curves = metrics.faithfulness_curves(expl, model, processor, steps=steps, tokens=[0])
+                            dele, ins = float(curves.deletion_auc[0]), float(curves.insertion_auc[0])
                         r["methods"][spec.label] = {
                             "pointing_game": float(metrics.pointing_game(expl, r["_item"].mask, token=0)),
                             "obj_iou": metrics.obj_iou(expl, r["_item"].mask, token=0),
-                            "deletion_auc": float(curves.deletion_auc[0]),
-                            "insertion_auc": float(curves.insertion_auc[0]),
+                            "deletion_auc": dele, "insertion_auc": ins,
                             "ms_per_answer": per_answer,
                             "token": expl.tokens[0]}
                         bar.update(1)
@@ -343,6 +356,7 @@ def run_explain_eval(model: Any, processor: Any, items: dict[str, list[EvalItem]
                 for spec in methods]
         result.sets[set_name] = SetResult(
             n=len(records), explained_word=sum(r["explained"] != "first token" for r in records), rows=rows,
+            n_faithfulness=len(records) if faithfulness_limit is None else min(len(records), faithfulness_limit),
             items=[{k: v for k, v in r.items() if not k.startswith("_")} for r in records])
     return result
 
@@ -367,7 +381,8 @@ def comparison_markdown(result: EvalResult, title: str | None = None) -> str:
                  f"cells removed / inserted in map order (AUC over x in [0, 1]); `explain` batch size "
                  f"{result.batch_size}; ms / answer: `explain` time per explained answer.")
     for set_name, block in result.sets.items():
-        lines += ["", f"**{set_name}** ({block.n} answers"]
+        faith = "" if block.n_faithfulness == block.n else f", deletion / insertion on the first {block.n_faithfulness}"
+        lines += ["", f"**{set_name}** ({block.n} answers{faith}"]
         if set_name == "shapes_vqa":
             lines[-1] += (f"; mask: the shape; explained token: the shape / colour word in {block.explained_word}, "
                           "else the answer's first token).")
