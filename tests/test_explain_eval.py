@@ -117,7 +117,15 @@ def test_explain_eval_bad_input(tiny_folder, tmp_path, capsys):
     assert "expected an int" in capsys.readouterr().err
     assert main([*base, "--methods", "random", "--steps", "0"]) == 2
     assert "--steps" in capsys.readouterr().err
+    assert main([*base, "--methods", "random", "--kinds", "shape,bogus"]) == 2
+    assert "bogus" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_kinds_keep_shape_and_colour_questions():
+    items = eval_items("quick", 3, photos=False, kinds=["shape", "color"])["shapes_vqa"]
+    assert len(items) == 3 and all(it.word == it.expected for it in items)
+    assert all(it.mask.shape == (64, 64) and it.mask.any() for it in items)
 
 
 def test_a_set_without_answers_prints_na():

@@ -50,7 +50,9 @@ def _cmd_explain_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--faithfulness-limit must be >= 0, got {args.faithfulness_limit}")
     out = ensure_writable_dir(args.out)  # before any model loads
     try:
-        items = eval_items(args.set, args.limit, photos=not args.no_photos, photos_limit=args.photos_limit)
+        kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] if args.kinds else None
+        items = eval_items(args.set, args.limit, photos=not args.no_photos, photos_limit=args.photos_limit,
+                           kinds=kinds)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     model, processor = load_model(args.model, args.dtype)
@@ -77,6 +79,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N questions of the split (default: all)")
     p.add_argument("--photos-limit", type=int, default=None, help="first N photos_yesno items with a box "
                                                                   "(default: --limit)")
+    p.add_argument("--kinds", default=None, help="shapes_vqa question kinds to keep, e.g. shape,color (default: all, "
+                                                 "yes/no questions explain their first token)")
     p.add_argument("--no-photos", action="store_true", help="skip photos_yesno")
     p.add_argument("--steps", type=int, default=16, help="deletion / insertion steps")
     p.add_argument("--faithfulness-limit", type=int, default=None,

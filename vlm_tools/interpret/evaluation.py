@@ -225,9 +225,10 @@ def parse_method_specs(text: str | Sequence[str]) -> list[MethodSpec]:
 
 
 def eval_items(split: str = "quick", limit: int | None = None, photos: bool = True,
-               photos_limit: int | None = None) -> dict[str, list[EvalItem]]:
-    """The questions of both sets: the first `limit` of the `shapes_vqa` split and the first `photos_limit` (default
-    `limit`) `photos_yesno` items that have a box."""
+               photos_limit: int | None = None, kinds: Sequence[str] | None = None) -> dict[str, list[EvalItem]]:
+    """The questions of both sets: the first `limit` of the `shapes_vqa` split (only questions of the given `kinds`,
+    among "shape", "color", "yesno", when given) and the first `photos_limit` (default `limit`) `photos_yesno` items
+    that have a box."""
     from PIL import Image
 
     from vlm_tools.assets import data
@@ -235,8 +236,12 @@ def eval_items(split: str = "quick", limit: int | None = None, photos: bool = Tr
     for name, n in (("limit", limit), ("photos_limit", photos_limit)):
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"{name} must be a positive int or None, got {n!r}")
+    if kinds is not None:
+        bad = sorted(set(kinds) - {"shape", "color", "yesno"})
+        if bad or not kinds:
+            raise ValueError(f"kinds must be among shape, color, yesno; got {list(kinds)!r}")
     out: dict[str, list[EvalItem]] = {}
-    shapes = data.load_shapes_vqa(split, with_arrays=True)[:limit]
+    shapes = [r for r in data.load_shapes_vqa(split, with_arrays=True) if kinds is None or r["kind"] in kinds][:limit]
     out["shapes_vqa"] = [
         EvalItem(set="shapes_vqa", id=row["id"], image=Image.open(row["image"]).convert("RGB"),
                  mask=np.asarray(row["mask"], dtype=bool), question=row["question"], expected=row["answer"],
