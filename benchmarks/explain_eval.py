@@ -14,9 +14,10 @@ and writes the tables into `benchmarks/RESULTS.md` (section `explain_eval`) and 
 
 Size (the defaults): 4 shapes questions and 2 photos, deletion / insertion (4 steps: one clean pass and one batched
 pass of 8 rows per answer and method) on the first 2 of each. Measured per answer on the 2-core machine (process CPU
-seconds, busy machine): explain random ~4, tam / arc ~3, msea ~12, attention_rollout ~22, occlusion ~50,
-integrated_gradients (32 steps) ~100 (hence 16 steps here); the curves ~11 at 4 steps (~21 at 8). That is ~1,400 CPU
-seconds, about 12-14 minutes on 2 idle cores. Means over so few answers are coarse; a bigger run:
+seconds, `torch.set_num_threads(2)`, on a busy machine): explain random ~4, tam / arc ~3, msea ~12,
+attention_rollout ~22, occlusion ~50, integrated_gradients ~82 at 32 steps (hence 16 steps here, ~41); the two
+curves ~10 at 4 steps (~20 at 8). That is ~1,350 CPU seconds, about 11-13 minutes on 2 idle cores (3x longer when
+the machine is shared). Means over so few answers are coarse; a bigger run:
 `--limit 100 --photos-limit 21 --faithfulness-limit 20 --steps 16` (hours).
 """
 
