@@ -62,8 +62,9 @@ def claim_lines(result, flagship: str = "msea") -> list[str]:
     for key, label in CLAIM_METRICS:
         mine = getattr(rows[flagship], key)
         beaten = [r.method for r in others if getattr(r, key) >= mine]
-        verdict = "beats every other method" if not beaten else f"does NOT beat {', '.join(beaten)}"
-        lines.append(f"- shapes_vqa {label}: {flagship} ({mine:.3f}) {verdict} (tam and the baselines, as measured).")
+        verdict = ("beats tam, arc and every baseline" if not beaten
+                   else f"does NOT beat (ties count) {', '.join(beaten)}")
+        lines.append(f"- shapes_vqa {label}, as measured: {flagship} ({mine:.3f}) {verdict}.")
     return lines
 
 
