@@ -14,6 +14,7 @@ CLI_MODULES: tuple[str, ...] = (
     "vlm_tools.interpret.cli",
     "vlm_tools.interpret.reliability_cli",
     "vlm_tools.interpret.points_cli",
+    "vlm_tools.interpret.eval_cli",
     "vlm_tools.integrations.eval_cli",
     "vlm_tools.registers.cli",
 )
