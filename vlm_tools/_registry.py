@@ -47,36 +47,31 @@ _EXPLAINERS: dict[str, MethodInfo] = {}
 _loaded: list[bool] = []
 
 
-def register_method(name: str, *, kind: str, config: Any, description: str):
-    """Class decorator that registers a `Method` subclass under `name` (lower-case, unique)."""
+def _registrar(table: dict[str, MethodInfo], what: str, name: str, kind: str, config: Any, description: str):
+    """The class decorator of both namespaces: check the name, refuse a second class under it, record the method."""
     if name != name.lower() or not name.replace("_", "").isalnum():
         raise ValueError(f"method names are lower-case identifiers, got {name!r}")
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
     def deco(cls):
-        if name in _METHODS and _METHODS[name].cls is not cls:
-            raise ValueError(f"method {name!r} is already registered by {_METHODS[name].cls.__qualname__}")
+        if name in table and table[name].cls is not cls:
+            raise ValueError(f"{what} {name!r} is already registered by {table[name].cls.__qualname__}")
         cls.name, cls.kind, cls.config_cls = name, kind, config
-        _METHODS[name] = MethodInfo(name, kind, cls, config, description)
+        table[name] = MethodInfo(name, kind, cls, config, description)
         return cls
 
     return deco
+
+
+def register_method(name: str, *, kind: str, config: Any, description: str):
+    """Class decorator that registers a `Method` subclass under `name` (lower-case, unique)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return _registrar(_METHODS, "method", name, kind, config, description)
 
 
 def register_explainer(name: str, *, config: Any, description: str):
     """Class decorator that registers an attribution method (a `vlm_tools.interpret.base.Explainer` subclass)."""
-    if name != name.lower() or not name.replace("_", "").isalnum():
-        raise ValueError(f"method names are lower-case identifiers, got {name!r}")
-
-    def deco(cls):
-        if name in _EXPLAINERS and _EXPLAINERS[name].cls is not cls:
-            raise ValueError(f"explain method {name!r} is already registered by {_EXPLAINERS[name].cls.__qualname__}")
-        cls.name, cls.kind, cls.config_cls = name, EXPLAIN, config
-        _EXPLAINERS[name] = MethodInfo(name, EXPLAIN, cls, config, description)
-        return cls
-
-    return deco
+    return _registrar(_EXPLAINERS, "explain method", name, EXPLAIN, config, description)
 
 
 def _load_builtin() -> None:
