@@ -62,7 +62,9 @@ def main() -> int:
     from vlm_tools import get_adapter
     from vlm_tools.assets.data import load_shapes_vqa
     from vlm_tools.assets.default_model import load_default
+    from vlm_tools.interpret.api import explain
     from vlm_tools.interpret.forcing import teacher_force
+    from vlm_tools.interpret.metrics import pointing_game
     from vlm_tools.interpret.sasp import points_from_pass
     from vlm_tools.loading import format_prompt
 
@@ -85,6 +87,8 @@ def main() -> int:
         forced = teacher_force(model, processor, [img], [prompt], [ids], hidden_states=True)
         pts = points_from_pass(forced, processor, adapter, img, word)
         control = points_from_pass(forced, processor, adapter, img, CONTROL)
+        # the TAM map of the first answer token, same forced answer (one more pass through vlm_tools.explain)
+        tam = explain(model, processor, img, prompt, method="tam", answers=[ids], tokens=[0])
         cpos = control.points[control.labels == 1]
         mask = np.asarray(it["mask"], dtype=bool)
         pos = pts.points[pts.labels == 1]
@@ -104,6 +108,7 @@ def main() -> int:
             "control_cell": tuple(control.cells[0].tolist()) if len(control) else None,
             "random": inside(mask, rx, ry, img.size),
             "centre": inside(mask, img.size[0] / 2, img.size[1] / 2, img.size),
+            "tam": pointing_game(tam, mask),
         })
     elapsed = time.perf_counter() - t0
     n = len(rows)
@@ -116,15 +121,16 @@ def main() -> int:
         vals = [v for v in vals if not (isinstance(v, float) and math.isnan(v))]
         return (float(np.mean(vals)), len(vals)) if vals else (float("nan"), 0)
 
-    header = ("| items | SasP top positive in mask | same, control query \"Question\" | random pixel (expected = "
-              "mask area) | random pixel (one draw) | image centre |")
-    lines = [header, "|---|---|---|---|---|---|"]
+    header = ("| items | SasP top positive in mask | TAM argmax in mask (first answer token) | same, control query "
+              "\"Question\" | random pixel (expected = mask area) | random pixel (one draw) | image centre |")
+    lines = [header, "|---|---|---|---|---|---|---|"]
     for sel, name in ((None, "all"), ("shape", "what shape"), ("color", "what colour (shape named)"),
                       ("yesno", "yes/no, answer yes")):
         hit, k = rate("hit", sel)
         if not k:
             continue
-        lines.append(f"| {name} (n={k}) | {hit:.3f} | {rate('control', sel)[0]:.3f} | {rate('area', sel)[0]:.3f} "
+        lines.append(f"| {name} (n={k}) | {hit:.3f} | {rate('tam', sel)[0]:.3f} | {rate('control', sel)[0]:.3f} "
+                     f"| {rate('area', sel)[0]:.3f} "
                      f"| {rate('random', sel)[0]:.3f} "
                      f"| {rate('centre', sel)[0]:.3f} |")
     pos_in, k_pos = rate("pos_in")
@@ -134,10 +140,12 @@ def main() -> int:
         f"(`teacher_force` once, then `points_from_pass` for the shape word and the control word) with "
         f"READ-7B's thresholds (t_pos 0.8, t_neg 0.2, 30 points, down_sample 1 on the 8x8 frame). {n} of "
         f"{len(items)} eligible quick-set items ran in {elapsed:.0f} s ({1000 * elapsed / n:.0f} ms per item, one "
-        f"teacher-forced pass each, torch threads 1). Mean positives per item "
+        f"teacher-forced pass each plus the TAM pass, torch threads 1). Mean positives per item "
         f"{np.mean([r['n_pos'] for r in rows]):.1f}; fraction "
         f"of positive points inside the mask {pos_in:.3f} (over {k_pos} items), of negative points outside it "
-        f"{neg_out:.3f} (over {k_neg} items). The TAM map's rate (issue 11) is not measured here.")
+        f"{neg_out:.3f} (over {k_neg} items). TAM: `vlm_tools.explain(..., method='tam', answers=[<the same answer>], "
+        f"tokens=[0])`, hit when the map's argmax (resized to the mask, `vlm_tools.interpret.metrics.pointing_game`) "
+        f"lies in the mask.")
     def mode_share(key):
         cells = Counter(r[key] for r in rows if r[key] is not None)
         (cell, k), = cells.most_common(1)
