@@ -169,9 +169,10 @@ def _msea_budget(rows: dict) -> list[str]:
     singles = [rows.get("tam" if s == 1 else f"msea[scales={s:g}]") for s in scales]
     if all(r is not None for r in singles):
         total = sum(r["cpu_seconds"] for r in singles)
-        out.append(f"- msea = {msea / total:.2f} x the sum of its single-scale maps ({total:.2f} s CPU): the "
-                   "aggregation is nearly free; the larger scales cost more because the model sees more visual "
-                   "tokens (64 / 144 / 256 on the default model), so one map at scale s costs more than one tam map.")
+        out.append(f"- msea = {msea / total:.2f} x the sum of its single-scale runs ({total:.2f} s CPU; each run "
+                   "includes its own answer-length clean pass and frame). The (s + 0.2) target does not hold on this "
+                   "model: a pass at scale s carries s^2 x the visual tokens (64 / 144 / 256 on the default model), so "
+                   f"one map at scale {scales[-1]:g} alone costs {singles[-1]['cpu_seconds'] / tam:.2f} tam maps.")
     return out
 
 

@@ -84,7 +84,7 @@ def test_a_failing_command_fails_the_check(tmp_path, body, ok):
     assert (proc.returncode == 0) is ok, proc.stdout + proc.stderr
 
 
-def test_the_readme_has_commands_of_every_kind_and_the_explain_placeholder():
+def test_the_readme_has_commands_of_every_kind_and_an_offline_explain_section():
     mod = _module()
     items = mod.snippets(ROOT / "README.md")
     assert {s.tag for s in items} == {None, "gpu", "hub", "long"}
@@ -94,7 +94,14 @@ def test_the_readme_has_commands_of_every_kind_and_the_explain_placeholder():
                                       "model, runs every method -> out/demo/report.html",
                                       "make test    # [long] creates .venv, installs, runs the test suite (CPU, "
                                       "offline; includes this README's check)"]
-    assert "## Explain and grounding\n\n<!-- explain-section -->\n" in text
+    section = text[text.index("## Explain and grounding"):text.index("## Tests and benchmarks")]
+    runs = [s for s in items if s.tag is None and s.text in section]
+    assert any(s.kind == "python" and "vlm_tools.explain(" in s.text and "vlm_tools.reliability(" in s.text
+               and "vlm_tools.similarity_points(" in s.text for s in runs)  # the section's API runs in the check
+    assert {"explain", "reliability", "points", "explain-eval"} <= {
+        w for s in runs if s.kind == "bash" for line in s.text.splitlines() if line.startswith("vlm-tools ")
+        for w in line.split()[1:2]}
+    assert "<!--" not in section and "EXPLAIN_FIGURES" not in section
     assert "default_model import format_prompt" not in text
 
 
