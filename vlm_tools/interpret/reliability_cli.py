@@ -13,6 +13,7 @@ Writes `reliability.json` (tokens, r_t per token, the sentence score and every p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
 
 __all__ = ["register_cli", "register_eval_cli"]
@@ -20,6 +21,7 @@ __all__ = ["register_cli", "register_eval_cli"]
 
 def _cmd_reliability(args: argparse.Namespace) -> int:
     from vlm_tools.core.io import ensure_writable_dir, write_json_atomic, write_text_atomic
+    from vlm_tools.core.wrapped import attached
     from vlm_tools.errors import UsageError
     from vlm_tools.interpret.forcing import load_images
     from vlm_tools.interpret.reliability import Combiner, reliability
@@ -39,23 +41,19 @@ def _cmd_reliability(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     model, processor = load_model(args.model, args.dtype)
     prompt = cli_prompt(args.model, processor, args.prompt)
-    target = model
-    if args.prune:
-        import vlm_tools
-
+    with contextlib.ExitStack() as stack:  # the pruned wrapper (if any) is removed when the block exits
+        target = model
+        if args.prune:
+            try:
+                target = stack.enter_context(attached(model, args.prune, keep=args.keep))
+            except (KeyError, ValueError, TypeError) as exc:
+                raise UsageError(f"--prune {args.prune} --keep {args.keep}: {exc}") from None
         try:
-            target = vlm_tools.wrap(model, args.prune, keep=args.keep)
-        except (KeyError, ValueError, TypeError) as exc:
-            raise UsageError(f"--prune {args.prune} --keep {args.keep}: {exc}") from None
-    try:
-        result = reliability(target, processor, args.image, prompt, args.answer, mismatched=args.mismatched,
-                             layer=args.layer, combiner=combiner, masked=args.masked,
-                             max_new_tokens=args.max_new_tokens)
-    except (ValueError, TypeError) as exc:
-        raise UsageError(str(exc)) from None
-    finally:
-        if target is not model:
-            target.unwrap()
+            result = reliability(target, processor, args.image, prompt, args.answer, mismatched=args.mismatched,
+                                 layer=args.layer, combiner=combiner, masked=args.masked,
+                                 max_new_tokens=args.max_new_tokens)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(str(exc)) from None
     payload = {"model": args.model, "image": str(args.image), "prompt": prompt,
                "prune": {"method": args.prune, "keep": args.keep} if args.prune else None, **result.to_dict()}
     write_json_atomic(out / "reliability.json", payload, indent=1)
