@@ -31,6 +31,18 @@ def tiny_llava_next() -> TinyCase:
     return TinyCase("llava_next")
 
 
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """The tiny LLaVA saved as an HF folder (CLIs load it through the real `from_pretrained` path)."""
+    from vlm_tools.core.models import build_tiny_llava
+
+    model, processor = build_tiny_llava("llava")
+    path = tmp_path_factory.mktemp("tiny_llava")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
 @pytest.fixture()
 def one_thread():
     """One intra-op thread for tiny models: avoids OpenMP oversubscription stalls on a shared 2-core machine."""

@@ -271,18 +271,6 @@ def test_methods_lists_the_explain_methods(capsys):
     assert {"center", "random"} <= set(names) and set(names.values()) == {"explain"}
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """The tiny LLaVA saved as an HF folder (the CLI loads it through from_pretrained)."""
-    from vlm_tools.core.models import build_tiny_llava
-
-    model, processor = build_tiny_llava("llava")
-    path = tmp_path_factory.mktemp("tiny_llava")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
 def test_cli_explains_a_saved_model_folder(tiny_folder, tmp_path):
     from vlm_tools.cli import build_parser
     from vlm_tools.interpret.cli import explain_from_args

@@ -38,23 +38,8 @@ def test_method_variants_parse_and_cast():
 
 
 def test_tuple_fields_take_semicolon_items():
-    from vlm_tools._registry import EXPLAIN, list_methods
-
-    if "msea" not in {m.name for m in list_methods(EXPLAIN)}:
-        pytest.skip("msea is not registered on this branch")
     spec = parse_method_specs("msea[scales=1;2]")[0]
     assert tuple(spec.config["scales"]) == (1.0, 2.0)
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    from vlm_tools.core.models import build_tiny_llava
-
-    model, processor = build_tiny_llava("llava")
-    folder = tmp_path_factory.mktemp("tiny_model")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
 
 
 def test_explain_eval_cli_on_a_tiny_model_folder(tiny_folder, tmp_path, one_thread):
